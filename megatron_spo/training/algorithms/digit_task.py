@@ -1,0 +1,213 @@
+"""The 3-digit number task: a policy whose prefix values can be enumerated exactly.
+
+A "model" writes a number digit by digit (tokens 0-9 are the digits, token 10 is EOS) and is
+rewarded `R = -|n - t| / 999` for the number n it wrote against the target t of the prompt
+(an unfinished answer scores -1). Its next-token distribution is scripted (`DigitPolicy`), so the
+value of any prefix, V(prefix) = E[R | prefix], is a finite sum over at most 10^3 completions
+(`exact_prefix_value`). `DigitTaskEngine` is a real `RolloutEngine` over this policy that honours
+n, temperature, top_p, top_k, max_tokens, stop tokens and seeds, and continues from token-id
+prefixes; the segment and soft-SPO tests check Monte Carlo estimates against the enumeration,
+and users can do the same to sanity-check a configuration before spending GPU time.
+
+Prompt encoding: every token id >= `PROMPT_TOKEN_BASE` belongs to the prompt; a prompt is
+`[PROMPT_TOKEN_BASE + t]`, so the engine reads the response prefix as the tokens after the last
+prompt token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Iterable, Sequence
+
+import torch
+
+from megatron_spo.rollout.types import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    SamplingParams,
+)
+
+NUM_DIGITS = 3
+EOS_TOKEN = 10
+VOCAB_SIZE = 11
+PROMPT_TOKEN_BASE = 1000
+UNFINISHED_REWARD = -1.0
+"""Reward of a response that is not exactly three digits followed by EOS (the worst score)."""
+
+
+def prompt_for_target(target: int) -> list[int]:
+    """Prompt token ids asking for `target` (0..999)."""
+    if not 0 <= target <= 999:
+        raise ValueError(f"target must be in 0..999, got {target}")
+    return [PROMPT_TOKEN_BASE + target]
+
+
+def target_of_prompt(prompt_token_ids: Sequence[int]) -> int:
+    return prompt_token_ids[-1] - PROMPT_TOKEN_BASE
+
+
+def split_prompt(token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(prompt, response prefix): the prompt ends at the last token >= PROMPT_TOKEN_BASE."""
+    last_prompt = max(i for i, tok in enumerate(token_ids) if tok >= PROMPT_TOKEN_BASE)
+    return list(token_ids[: last_prompt + 1]), list(token_ids[last_prompt + 1 :])
+
+
+def digit_reward(response_token_ids: Sequence[int], target: int) -> float:
+    """-|n - t| / 999 for a response "d d d EOS"; UNFINISHED_REWARD otherwise."""
+    digits = list(response_token_ids)
+    if len(digits) != NUM_DIGITS + 1 or digits[-1] != EOS_TOKEN or any(d > 9 for d in digits[:-1]):
+        return UNFINISHED_REWARD
+    number = digits[0] * 100 + digits[1] * 10 + digits[2]
+    return -abs(number - target) / 999.0
+
+
+@dataclasses.dataclass(kw_only=True)
+class DigitPolicy:
+    """Scripted base (temperature 1) next-token probabilities.
+
+    - first digit: `first_digit_probs`;
+    - second digit: a digit in `confident_digits` as first digit is repeated with probability
+      `confidence` (so that token is "high-probability"), otherwise uniform;
+    - third digit: proportional to `third_digit_weights`;
+    - then EOS with probability 1.
+    """
+
+    first_digit_probs: list[float] = dataclasses.field(default_factory=lambda: [0.1] * 10)
+    confident_digits: tuple[int, ...] = (0, 1, 2, 3, 4)
+    confidence: float = 0.95
+    third_digit_weights: list[float] = dataclasses.field(
+        default_factory=lambda: [10.0 - d for d in range(10)]
+    )
+
+    def base_distribution(self, response_prefix: Sequence[int]) -> list[float]:
+        """(VOCAB_SIZE,) probabilities of the next token after `response_prefix`."""
+        position = len(response_prefix)
+        probs = [0.0] * VOCAB_SIZE
+        if position == 0:
+            total = sum(self.first_digit_probs)
+            probs[:10] = [p / total for p in self.first_digit_probs]
+        elif position == 1:
+            first = response_prefix[0]
+            if first in self.confident_digits:
+                rest = (1.0 - self.confidence) / 9
+                probs[:10] = [self.confidence if d == first else rest for d in range(10)]
+            else:
+                probs[:10] = [0.1] * 10
+        elif position == 2:
+            total = sum(self.third_digit_weights)
+            probs[:10] = [w / total for w in self.third_digit_weights]
+        else:
+            probs[EOS_TOKEN] = 1.0
+        return probs
+
+    def sampling_distribution(
+        self, response_prefix: Sequence[int], temperature: float, top_p: float = 1.0, top_k: int = -1
+    ) -> list[float]:
+        """The distribution the engine samples from: p^(1/T) renormalised, then top-k, then
+        top-p (the smallest most-likely set with mass >= top_p), renormalised."""
+        base = self.base_distribution(response_prefix)
+        if temperature == 0:
+            best = max(range(VOCAB_SIZE), key=lambda i: base[i])
+            return [1.0 if i == best else 0.0 for i in range(VOCAB_SIZE)]
+        tempered = [p ** (1.0 / temperature) if p > 0 else 0.0 for p in base]
+        total = sum(tempered)
+        probs = [p / total for p in tempered]
+        order = sorted(range(VOCAB_SIZE), key=lambda i: -probs[i])
+        keep: set[int] = set()
+        mass = 0.0
+        for rank, token in enumerate(order):
+            if probs[token] == 0 or (top_k > 0 and rank >= top_k):
+                break
+            keep.add(token)
+            mass += probs[token]
+            if mass >= top_p - 1e-12:
+                break
+        kept_total = sum(probs[i] for i in keep)
+        return [probs[i] / kept_total if i in keep else 0.0 for i in range(VOCAB_SIZE)]
+
+
+def exact_prefix_value(
+    policy: DigitPolicy,
+    response_prefix: Sequence[int],
+    target: int,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    max_response_tokens: int = NUM_DIGITS + 1,
+) -> tuple[float, float]:
+    """(E[R | prefix], Var[R | prefix]) under the sampling distribution, by enumeration."""
+
+    def moments(prefix: list[int]) -> tuple[float, float]:  # (E[R], E[R^2])
+        if prefix and prefix[-1] == EOS_TOKEN:
+            reward = digit_reward(prefix, target)
+            return reward, reward * reward
+        if len(prefix) >= max_response_tokens:
+            return UNFINISHED_REWARD, UNFINISHED_REWARD**2
+        first = second = 0.0
+        for token, p in enumerate(policy.sampling_distribution(prefix, temperature, top_p)):
+            if p > 0:
+                m1, m2 = moments(prefix + [token])
+                first += p * m1
+                second += p * m2
+        return first, second
+
+    mean, second_moment = moments(list(response_prefix))
+    return mean, max(second_moment - mean * mean, 0.0)
+
+
+class DigitTaskEngine(RolloutEngine):
+    """A `RolloutEngine` sampling from a `DigitPolicy` (pure Python, deterministic per seed).
+
+    `calls` records the number of requests of every `generate` call, so tests can check batching.
+    """
+
+    def __init__(self, policy: DigitPolicy, *, seed: int = 0):
+        self.policy = policy
+        self.rng = random.Random(seed)
+        self.calls: list[int] = []
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        self.calls.append(len(requests))
+        return [
+            GenerationResult(request=request, completions=self._complete(request))
+            for request in requests
+        ]
+
+    def _complete(self, request: GenerationRequest) -> list[Completion]:
+        params: SamplingParams = request.params
+        rng = random.Random(params.seed) if params.seed is not None else self.rng
+        _, prefix = split_prompt(request.prompt_token_ids)
+        stop_tokens = set(params.stop_token_ids) | {EOS_TOKEN}
+        completions = []
+        for _ in range(params.n):
+            response = list(prefix)
+            new_tokens: list[int] = []
+            logprobs: list[float] = []
+            finish_reason: FinishReason = "length"
+            while len(new_tokens) < params.max_tokens:
+                probs = self.policy.sampling_distribution(
+                    response, params.temperature, params.top_p, params.top_k
+                )
+                token = rng.choices(range(VOCAB_SIZE), weights=probs)[0]
+                new_tokens.append(token)
+                logprobs.append(math.log(probs[token]))
+                response.append(token)
+                if token in stop_tokens:
+                    finish_reason = "stop"
+                    break
+            completions.append(
+                Completion(token_ids=new_tokens, logprobs=logprobs, finish_reason=finish_reason)
+            )
+        return completions
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Accepts `first_digit_probs` (10,), the only scripted distribution with free weights."""
+        for name, tensor in named_tensors:
+            if name != "first_digit_probs" or tuple(tensor.shape) != (10,):
+                raise KeyError(f"DigitTaskEngine has only 'first_digit_probs' (10,), got {name!r}")
+            self.policy.first_digit_probs = [float(p) for p in tensor]

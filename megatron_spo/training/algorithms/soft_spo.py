@@ -1,0 +1,279 @@
+"""Soft Policy Optimization: off-policy RL for LLMs with a soft-Q parameterised policy.
+
+Reference: Cohen et al., "Soft Policy Optimization: Online Off-Policy RL for Sequence Models"
+(arXiv 2503.05453) and the authors' number-guessing example. The policy's log-ratio to a frozen
+reference is read as a soft advantage, so any sequence (from the current policy, a replay buffer,
+or an external file) can be regressed onto its reward:
+
+    A_t  = beta (log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t))      completion tokens
+    Q_T  = clamp(Q0, -q0_clamp, q0_clamp) + clamp(sum_t A_t, -adv_clamp, adv_clamp)
+    squared:        l = (Q_T - r)^2
+    cross_entropy:  p = exp(min(Q_T, 0)), q = exp(r),
+                    l = -[q min(Q_T, 0) + (1 - q) log(1 - p + 1e-8)]      (rewards r <= 0)
+    loss = mean over sequences of l
+    Q0   = beta log mean_i exp(clamp(r_i / beta, -20, 0))                  r_i ~ pi_ref(. | x)
+
+computed with logsumexp. The fixed point is log pi_theta = log pi_ref + (r - Q0) / beta, i.e.
+pi* proportional to pi_ref exp(r / beta) once Q0 is the soft value beta log E_ref[exp(r / beta)].
+The clamp on r / beta assumes rewards in [-20 beta, 0]; outside it Q0 is biased (as the authors').
+Deliberate difference: Q0 is per prompt (the authors' example has one prompt, hence one Q0).
+
+Trainer interface (tensors (B, T) over response tokens; mask 0 on padding and tool output):
+
+    q0 = estimate_prompt_q0(prompt_token_ids, reference_engine, score_fn, config)   # list, per prompt
+    out = soft_spo_loss(logprobs, ref_logprobs, response_mask, rewards, q0_per_sequence, config)
+    out.loss.backward()
+
+`logprobs` are teacher-forced under pi_theta (temperature 1), `ref_logprobs` under the frozen
+reference. Off-policy sequences from a file: `load_offpolicy_jsonl(path, tokenize=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from megatron_spo.errors import UserError
+from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams
+from megatron_spo.training.algorithms.segment_chain import ScoreFn
+
+SoftLossType = Literal["squared", "cross_entropy"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class SoftSPOConfig:
+    """Soft-SPO hyperparameters; defaults are the authors' (arXiv 2503.05453 example)."""
+
+    beta: float = 0.01
+    """Softness: the weight of the log-ratio to pi_ref in Q; smaller trusts rewards more.
+    Rewards are in reward units, beta in reward units per nat."""
+    loss_type: SoftLossType = "squared"
+    """`squared` regresses Q_T onto r; `cross_entropy` treats exp(Q_T), exp(r) as probabilities
+    (needs rewards <= 0)."""
+    q0_clamp: float = 10.0
+    """|Q0| is clamped to this (reward units), authors' value."""
+    advantage_sum_clamp: float = 10.0
+    """|sum_t A_t| is clamped to this (reward units), authors' value; bounds one sequence's pull."""
+    q0_exponent_min: float = -20.0
+    """Lower clamp of r / beta inside the Q0 estimate (authors' value): a sample worse than
+    20 beta below 0 counts as -20 beta, so exp does not underflow to a useless 0."""
+    q0_exponent_max: float = 0.0
+    """Upper clamp of r / beta inside the Q0 estimate (authors' value; rewards are <= 0)."""
+    q0_num_samples: int = 256
+    """Samples from pi_ref per prompt for Q0 (authors' value)."""
+    cross_entropy_eps: float = 1e-8
+    """Inside log(1 - p + eps) of the cross-entropy loss (authors' value)."""
+    max_response_tokens: int = 1024
+    """Budget of the reference samples drawn for Q0, in tokens."""
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.loss_type not in ("squared", "cross_entropy"):
+            raise ValueError(f"loss_type must be 'squared' or 'cross_entropy', got {self.loss_type!r}")
+        if self.q0_exponent_min > self.q0_exponent_max:
+            raise ValueError("q0_exponent_min must be <= q0_exponent_max")
+        if self.q0_num_samples < 1 or self.max_response_tokens < 1:
+            raise ValueError("q0_num_samples and max_response_tokens must be >= 1")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SoftSPOLossOutput:
+    loss: torch.Tensor
+    """Scalar: mean over sequences of the per-sequence loss."""
+    per_sequence_loss: torch.Tensor
+    """(B,)"""
+    q_terminal: torch.Tensor
+    """(B,) Q_T, detached."""
+    advantage_sum: torch.Tensor
+    """(B,) unclamped sum_t A_t, detached."""
+
+
+def soft_token_advantages(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """(B, T) A_t = beta (log pi_theta - log pi_ref), 0 where mask is 0."""
+    return beta * (logprobs - ref_logprobs) * mask.to(logprobs.dtype)
+
+
+def terminal_q(
+    token_advantages: torch.Tensor, q0: torch.Tensor | float, config: SoftSPOConfig
+) -> torch.Tensor:
+    """(B,) Q_T = clamp(Q0) + clamp(sum_t A_t); q0 is a scalar or (B,)."""
+    q0 = torch.as_tensor(q0, dtype=token_advantages.dtype, device=token_advantages.device)
+    return q0.clamp(-config.q0_clamp, config.q0_clamp) + token_advantages.sum(dim=-1).clamp(
+        -config.advantage_sum_clamp, config.advantage_sum_clamp
+    )
+
+
+def soft_q_loss(q_terminal: torch.Tensor, rewards: torch.Tensor, config: SoftSPOConfig) -> torch.Tensor:
+    """(B,) per-sequence loss of Q_T against rewards (module docstring)."""
+    if config.loss_type == "squared":
+        return (q_terminal - rewards).square()
+    if bool((rewards > 0).any()):
+        raise ValueError("the cross_entropy soft-SPO loss needs rewards <= 0 (q = exp(r) is a probability)")
+    q_nonpositive = q_terminal.clamp_max(0.0)
+    p = q_nonpositive.exp()
+    q = rewards.exp()
+    return -(q * q_nonpositive + (1.0 - q) * torch.log(1.0 - p + config.cross_entropy_eps))
+
+
+def soft_spo_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    q0: torch.Tensor | float,
+    config: SoftSPOConfig,
+) -> SoftSPOLossOutput:
+    """The soft-SPO loss of a batch: logprobs, ref_logprobs, mask (B, T); rewards, q0 (B,)."""
+    rewards = rewards.to(logprobs.dtype)
+    advantages = soft_token_advantages(logprobs, ref_logprobs, mask, config.beta)
+    q_t = terminal_q(advantages, q0, config)
+    per_sequence = soft_q_loss(q_t, rewards, config)
+    return SoftSPOLossOutput(
+        loss=per_sequence.mean(),
+        per_sequence_loss=per_sequence,
+        q_terminal=q_t.detach(),
+        advantage_sum=advantages.sum(dim=-1).detach(),
+    )
+
+
+def estimate_q0(rewards: Sequence[float] | torch.Tensor, config: SoftSPOConfig) -> float:
+    """Q0 = beta log mean_i exp(clamp(r_i / beta)) over rewards of pi_ref samples (logsumexp)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).flatten()
+    if r.numel() == 0:
+        raise ValueError("estimate_q0 needs at least one reward")
+    exponents = (r / config.beta).clamp(config.q0_exponent_min, config.q0_exponent_max)
+    return float(config.beta * (torch.logsumexp(exponents, dim=0) - math.log(r.numel())))
+
+
+def estimate_prompt_q0(
+    prompt_token_ids: Sequence[Sequence[int]],
+    reference_engine: RolloutEngine,
+    score_fn: ScoreFn,
+    config: SoftSPOConfig,
+    *,
+    seed: int | None = None,
+) -> list[float]:
+    """Q0 per prompt from `q0_num_samples` samples of pi_ref (one engine call).
+
+    The engine must serve the reference weights and sample from them as they are (temperature
+    1, no top-p / top-k), or Q0 is the soft value of a different policy.
+    """
+    requests = [
+        GenerationRequest(
+            prompt_token_ids=list(prompt),
+            params=SamplingParams(
+                n=config.q0_num_samples,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=-1,
+                max_tokens=config.max_response_tokens,
+                seed=None if seed is None else seed + i,
+            ),
+            request_id=f"soft-spo-q0-{i}",
+        )
+        for i, prompt in enumerate(prompt_token_ids)
+    ]
+    results = reference_engine.generate(requests)
+    return [
+        estimate_q0(
+            [score_fn(i, c.token_ids, c.finish_reason) for c in result.completions], config
+        )
+        for i, result in enumerate(results)
+    ]
+
+
+def prompt_key_of(prompt_token_ids: Sequence[int]) -> int:
+    """A stable 63-bit key of a prompt's token ids (same ids -> same key on every machine)."""
+    digest = hashlib.blake2b(",".join(map(str, prompt_token_ids)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+def _token_ids_field(record: dict, key: str, where: str) -> list[int]:
+    value = record[key]
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise UserError(f"{where}: '{key}' must be a list of non-negative token ids, got {str(value)[:80]}")
+    return value
+
+
+def load_offpolicy_jsonl(
+    path: str | os.PathLike, *, tokenize: Callable[[str], list[int]] | None = None
+) -> list[Sample]:
+    """Read external sequences for soft-SPO training, one JSON object per line:
+
+        {"prompt": "...", "response": "...", "reward": -0.25}
+        {"prompt_token_ids": [1, 2], "response_token_ids": [3, 4, 5], "reward": 0.0}
+
+    Text fields need `tokenize` (prompt and response are tokenised separately, so the response
+    tokens are exactly the completion); token-id fields are used as given. An optional integer
+    "prompt_key" overrides the key derived from the prompt's token ids. Blank lines are skipped.
+    Behaviour log-probabilities are unknown for external data: `response_logprobs` are NaN
+    (soft-SPO does not use them). Every problem raises `UserError` naming the file and line.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except OSError as error:
+        raise UserError(f"cannot read off-policy sequences file {path}: {error.strerror}") from None
+    samples = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        token_ids = {}
+        for part in ("prompt", "response"):
+            if f"{part}_token_ids" in record:
+                token_ids[part] = _token_ids_field(record, f"{part}_token_ids", where)
+            elif part in record:
+                if not isinstance(record[part], str):
+                    raise UserError(f"{where}: '{part}' must be a string, got {type(record[part]).__name__}")
+                if tokenize is None:
+                    raise UserError(f"{where}: '{part}' is text but no tokenizer was given; "
+                                    f"pass one or use '{part}_token_ids'")
+                token_ids[part] = list(tokenize(record[part]))
+            else:
+                raise UserError(f"{where}: missing '{part}' (or '{part}_token_ids'); keys: {sorted(record)}")
+        if not token_ids["response"]:
+            raise UserError(f"{where}: the response is empty")
+        if "reward" not in record:
+            raise UserError(f"{where}: missing 'reward'; keys: {sorted(record)}")
+        reward = record["reward"]
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise UserError(f"{where}: 'reward' must be a finite number, got {reward!r}")
+        prompt_key = record.get("prompt_key", None)
+        if prompt_key is None:
+            prompt_key = prompt_key_of(token_ids["prompt"])
+        elif isinstance(prompt_key, bool) or not isinstance(prompt_key, int):
+            raise UserError(f"{where}: 'prompt_key' must be an integer, got {prompt_key!r}")
+        num_response = len(token_ids["response"])
+        samples.append(
+            Sample(
+                prompt_key=prompt_key,
+                prompt_token_ids=token_ids["prompt"],
+                response_token_ids=token_ids["response"],
+                response_logprobs=[math.nan] * num_response,
+                response_mask=[1] * num_response,
+                reward=float(reward),
+                prompt_text=record.get("prompt") if isinstance(record.get("prompt"), str) else None,
+                response_text=record.get("response") if isinstance(record.get("response"), str) else None,
+                extra={"source": where},
+            )
+        )
+    if not samples:
+        raise UserError(f"{path}: no sequences (the file is empty)")
+    return samples

@@ -1,0 +1,183 @@
+"""SPO-chain: cut points, segment advantages, and Monte Carlo values against the enumerated
+values of the 3-digit number task."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_spo.rollout.types import GenerationRequest, Sample, SamplingParams
+from megatron_spo.training.algorithms import TOKEN_ADVANTAGES_KEY
+from megatron_spo.training.algorithms.digit_task import (
+    DigitPolicy,
+    DigitTaskEngine,
+    digit_reward,
+    exact_prefix_value,
+    prompt_for_target,
+    target_of_prompt,
+)
+from megatron_spo.training.algorithms.segment_chain import (
+    SegmentChainConfig,
+    build_chain_samples,
+    chain_cut_points,
+    chain_token_advantages,
+)
+from megatron_spo.training.algorithms.segment_loss import prepare_segment_batch
+
+PROBS = [0.95, 0.5, 0.99, 0.3, 0.2, 0.8, 0.97, 0.1, 0.6, 0.4, 0.5, 0.05]
+# low-probability (< 0.9) positions: 1, 3, 4, 5, 7, 8, 9, 10, 11
+
+
+@pytest.mark.parametrize(
+    "interval, expected",
+    [(1, [1, 3, 4, 5, 7, 8, 9, 10, 11]), (2, [1, 4, 7, 9, 11]), (5, [1, 8]), (20, [1])],
+)
+def test_cut_points_every_interval_th_low_probability_token(interval, expected):
+    logprobs = [math.log(p) for p in PROBS]
+    assert chain_cut_points(logprobs, interval=interval, prob_threshold=0.9) == expected
+
+
+def test_cut_points_skip_tool_tokens_and_respect_threshold():
+    logprobs = [math.log(p) for p in [0.5, 0.9, 0.3, 0.2]]
+    assert chain_cut_points(logprobs, interval=1, prob_threshold=0.9, response_mask=[1, 1, 0, 1]) == [0, 3]
+    assert chain_cut_points(logprobs, interval=1, prob_threshold=0.95) == [0, 1, 2, 3]
+
+
+def test_chain_token_advantages_hand_computed():
+    # segments: [0] before the first cut (no value) -> 0; [1, 4): V1 - V0; [4, 6): V2 - V1;
+    # [6, 8): R - V2
+    advantages = chain_token_advantages(8, [1, 4, 6], [0.5, 0.2, 0.8], 1.0)
+    assert advantages == pytest.approx([0.0, -0.3, -0.3, -0.3, 0.6, 0.6, 0.2, 0.2])
+    # a cut at 0 is the prompt-only prefix: the first segment gets V(B_1) - V(prompt)
+    assert chain_token_advantages(4, [0, 3], [0.4, 0.9], 0.0) == pytest.approx([0.5, 0.5, 0.5, -0.9])
+    assert chain_token_advantages(3, [], [], 1.0) == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError):
+        chain_token_advantages(3, [2, 1], [0.0, 0.0], 1.0)
+
+
+def _digit_setup(targets, *, seed=0, policy=None):
+    policy = policy or DigitPolicy()
+    engine = DigitTaskEngine(policy, seed=seed)
+    prompts = [prompt_for_target(t) for t in targets]
+
+    def score_fn(index, response, finish_reason):
+        return digit_reward(response, target_of_prompt(prompts[index]))
+
+    return policy, engine, prompts, score_fn
+
+
+def _sample_responses(engine, prompts, config, score_fn, seed=123):
+    requests = [
+        GenerationRequest(
+            prompt_token_ids=p,
+            params=SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=4, seed=seed + i),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    samples = []
+    for i, result in enumerate(engine.generate(requests)):
+        c = result.completions[0]
+        samples.append(
+            Sample(
+                prompt_key=i,
+                prompt_token_ids=list(result.request.prompt_token_ids),
+                response_token_ids=c.token_ids,
+                response_logprobs=c.logprobs,
+                response_mask=[1] * len(c.token_ids),
+                reward=score_fn(i, c.token_ids, c.finish_reason),
+                finish_reason=c.finish_reason,
+            )
+        )
+    return samples
+
+
+def test_cut_points_on_digit_task_are_where_the_policy_is_uncertain():
+    """First digit (p = 1/9), third digit (p <= 0.25) are low-probability; the second digit is
+    low only after a first digit >= 5 (else it is repeated with p ~ 1); EOS has p = 1."""
+    config = SegmentChainConfig(cut_interval=1, max_response_tokens=4, num_continuations=1)
+    policy, engine, prompts, score_fn = _digit_setup([500] * 12)
+    samples = _sample_responses(engine, prompts, config, score_fn)
+    built = build_chain_samples(samples, engine, score_fn, config)
+    seen_confident = seen_uncertain = False
+    for sample in built:
+        first = sample.response_token_ids[0]
+        expected = [0, 2] if first in policy.confident_digits else [0, 1, 2]
+        seen_confident |= first in policy.confident_digits
+        seen_uncertain |= first not in policy.confident_digits
+        assert sample.extra["cut_points"] == expected, sample.response_token_ids
+    assert seen_confident and seen_uncertain  # both branches exercised
+
+    config_every_2nd = SegmentChainConfig(cut_interval=2, max_response_tokens=4, num_continuations=1)
+    for sample in build_chain_samples(samples, engine, score_fn, config_every_2nd):
+        expected = [0] if sample.response_token_ids[0] in policy.confident_digits else [0, 2]
+        assert sample.extra["cut_points"] == expected
+
+
+def test_identical_prefixes_are_sampled_once_in_one_engine_call():
+    config = SegmentChainConfig(cut_interval=1, max_response_tokens=4, num_continuations=3)
+    _, engine, _, score_fn = _digit_setup([500])
+    prompt = prompt_for_target(500)
+    # two identical responses "1 1 7 EOS" and one "1 1 3 EOS": cut points [0, 2] each
+    responses = [[1, 1, 7, 10], [1, 1, 7, 10], [1, 1, 3, 10]]
+    logprobs = [math.log(p) for p in (0.1, 0.999, 0.2, 1.0)]
+    samples = [
+        Sample(prompt_key=0, prompt_token_ids=prompt, response_token_ids=r, response_logprobs=logprobs,
+               response_mask=[1] * 4, reward=digit_reward(r, 500))
+        for r in responses
+    ]
+    engine.calls.clear()
+    build_chain_samples(samples, engine, lambda i, r, f: digit_reward(r, 500), config)
+    # unique prefixes: [] (shared by all three) and [1, 1] (shared too) -> 2 requests, 1 call
+    assert engine.calls == [2]
+
+
+def test_chain_monte_carlo_values_converge_to_enumerated_values_and_advantages_have_the_right_signs():
+    config = SegmentChainConfig(cut_interval=1, max_response_tokens=4, num_continuations=2000)
+    policy, engine, prompts, score_fn = _digit_setup([500, 500, 500, 40, 40, 40, 873, 873, 873, 873], seed=1)
+    samples = _sample_responses(engine, prompts, config, score_fn, seed=7)
+    built = build_chain_samples(samples, engine, score_fn, config, seed=99)
+    exact = {}
+
+    def truth(target, prefix):
+        key = (target, tuple(prefix))
+        if key not in exact:
+            exact[key] = exact_prefix_value(policy, prefix, target, temperature=config.temperature, top_p=config.top_p)
+        return exact[key]
+
+    checked_signs = 0
+    for sample in built:
+        target = target_of_prompt(sample.prompt_token_ids)
+        cuts, values = sample.extra["cut_points"], sample.extra["boundary_values"]
+        for cut, value in zip(cuts, values):
+            mean, var = truth(target, sample.response_token_ids[:cut])
+            standard_error = math.sqrt(var / config.num_continuations)
+            assert abs(value - mean) < 5 * standard_error + 1e-12, (target, cut, value, mean)
+        # exact segment advantages from the enumerated values, compared token by token
+        exact_values = [truth(target, sample.response_token_ids[:c])[0] for c in cuts]
+        exact_advantages = chain_token_advantages(len(sample.response_token_ids), cuts, exact_values, sample.reward)
+        for mc, ex in zip(sample.extra[TOKEN_ADVANTAGES_KEY], exact_advantages):
+            assert abs(mc - ex) < 0.03
+            if abs(ex) > 0.03:
+                assert math.copysign(1, mc) == math.copysign(1, ex)
+                checked_signs += 1
+    assert checked_signs >= 10  # 15 with these seeds
+
+
+def test_first_digit_matching_the_target_gets_a_positive_advantage():
+    """Target 300: writing 3 first raises the value over the prompt's; writing 8 lowers it."""
+    config = SegmentChainConfig(cut_interval=1, max_response_tokens=4, num_continuations=400)
+    policy, engine, _, _ = _digit_setup([300], seed=3)
+    prompt = prompt_for_target(300)
+    samples = []
+    for response in ([3, 3, 0, 10], [8, 1, 2, 10]):
+        logprobs = [math.log(policy.sampling_distribution(response[:t], 0.6, 0.9)[tok]) for t, tok in enumerate(response)]
+        samples.append(Sample(prompt_key=0, prompt_token_ids=prompt, response_token_ids=response,
+                              response_logprobs=logprobs, response_mask=[1] * 4, reward=digit_reward(response, 300)))
+    good, bad = build_chain_samples(samples, engine, lambda i, r, f: digit_reward(r, 300), config)
+    assert good.extra[TOKEN_ADVANTAGES_KEY][0] > 0.1
+    assert bad.extra[TOKEN_ADVANTAGES_KEY][0] < -0.1
+    # the loss sees only the low-probability tokens: "3 [3] 0 EOS" -> digit 1 and EOS masked
+    advantages = torch.tensor([good.extra[TOKEN_ADVANTAGES_KEY]])
+    _, loss_mask = prepare_segment_batch(advantages, torch.tensor([good.response_logprobs]),
+                                         torch.ones(1, 4), config.loss)
+    assert loss_mask.tolist() == [[True, False, True, False]]
