@@ -17,6 +17,7 @@ prompt token.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 from typing import Iterable, Sequence
@@ -36,6 +37,7 @@ NUM_DIGITS = 3
 EOS_TOKEN = 10
 VOCAB_SIZE = 11
 PROMPT_TOKEN_BASE = 1000
+_TOKENS = range(VOCAB_SIZE)
 UNFINISHED_REWARD = -1.0
 """Reward of a response that is not exactly three digits followed by EOS (the worst score)."""
 
@@ -170,6 +172,16 @@ class DigitTaskEngine(RolloutEngine):
         self.policy = policy
         self.rng = random.Random(seed)
         self.calls: list[int] = []
+        # (prefix, temperature, top_p, top_k) -> (probs, cumulative weights); the prefix space is
+        # tiny, and recomputing the distribution dominated the tests' time
+        self._distributions: dict[tuple, tuple[list[float], list[float]]] = {}
+
+    def _distribution(self, prefix: list[int], params: SamplingParams) -> tuple[list[float], list[float]]:
+        key = (tuple(prefix), params.temperature, params.top_p, params.top_k)
+        if key not in self._distributions:
+            probs = self.policy.sampling_distribution(prefix, params.temperature, params.top_p, params.top_k)
+            self._distributions[key] = (probs, list(itertools.accumulate(probs)))
+        return self._distributions[key]
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         self.calls.append(len(requests))
@@ -190,10 +202,8 @@ class DigitTaskEngine(RolloutEngine):
             logprobs: list[float] = []
             finish_reason: FinishReason = "length"
             while len(new_tokens) < params.max_tokens:
-                probs = self.policy.sampling_distribution(
-                    response, params.temperature, params.top_p, params.top_k
-                )
-                token = rng.choices(range(VOCAB_SIZE), weights=probs)[0]
+                probs, cumulative = self._distribution(response, params)
+                token = rng.choices(_TOKENS, cum_weights=cumulative)[0]
                 new_tokens.append(token)
                 logprobs.append(math.log(probs[token]))
                 response.append(token)
@@ -211,3 +221,4 @@ class DigitTaskEngine(RolloutEngine):
             if name != "first_digit_probs" or tuple(tensor.shape) != (10,):
                 raise KeyError(f"DigitTaskEngine has only 'first_digit_probs' (10,), got {name!r}")
             self.policy.first_digit_probs = [float(p) for p in tensor]
+            self._distributions.clear()
