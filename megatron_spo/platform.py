@@ -14,6 +14,8 @@ The CPU shims, each for a failure seen without it (see shared/notes/megatron-on-
 - Pipeline schedules and grad clipping allocate with `device="cuda"` literals and grad clipping
   asserts `torch.cuda.FloatTensor`: those modules see a `torch` whose factories map "cuda" to
   the CPU, and grad clipping by total norm is replaced by the same math without the assert.
+- With tied embeddings under PP, the last stage's embedding copy is moved with `tensor.cuda()`:
+  inside that one Megatron method, `.cuda()` returns the tensor itself.
 - The interleaved pipeline with `batch_p2p_comm=True` gives silently wrong gradients on gloo when
   both neighbours are the same rank: `model_parallel_overrides()` turns it off on gloo.
 """
@@ -26,6 +28,7 @@ import datetime
 import os
 import random
 import types
+import warnings
 from functools import lru_cache
 from typing import Any
 
@@ -33,6 +36,11 @@ import numpy as np
 import torch
 
 _FORCE_CPU_ENV = "MEGATRON_SPO_FORCE_CPU"
+
+# Megatron warns at import about every optional GPU package it does not find; on a CPU machine
+# that is expected, so say it once in `attention_backend_name()` instead.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* (is|are) not installed.*")
+warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 
 
 # ----------------------------------------------------------------------------- device facts
@@ -416,6 +424,20 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
             grad.detach().mul_(clip_coeff)
 
 
+def _with_tensor_cuda_as_identity(method):
+    """Wrap a Megatron method that calls `tensor.cuda()` so that, on CPU, the call is a no-op."""
+
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+    return wrapped
+
+
 _CPU_COMPAT_INSTALLED = False
 
 
@@ -428,6 +450,7 @@ def install_cpu_compat() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     from megatron.core import tensor_parallel
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import random as tp_random
@@ -442,6 +465,10 @@ def install_cpu_compat() -> None:
     for module in (schedules, clip_grads, p2p_communication):
         module.torch = cpu_torch
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    # tied embeddings under PP: the last stage's copy is moved with `.cuda()` before its all-reduce
+    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     _CPU_COMPAT_INSTALLED = True
 

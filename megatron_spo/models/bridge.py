@@ -1,0 +1,441 @@
+"""The one mapping between Megatron-Core's sharded parameters and Hugging Face tensor names.
+
+It serves three users: HF -> Megatron loading (conversion, training start), Megatron -> HF export
+(conversion, saving), and live weight sync into the rollout engine, which consumes the same
+`(hf_name, full_tensor)` stream that the HF writer does.
+
+The mapping is a table per architecture family: each Megatron parameter has a rule naming its HF
+tensors and its tensor-parallel layout:
+
+- `replicated`: identical on every TP rank (norms).
+- `column`: split along dim 0 (vocab-parallel embedding / output layer).
+- `row`: split along dim 1 (attention output and MLP down projections).
+- `qkv`: Megatron's fused QKV is laid out per KV group as [q heads of the group, k, v]; TP ranks
+  hold whole groups. (A plain [q; k; v] concatenation is wrong and a logits test catches it.)
+- `gate_up`: fused fc1 is, on each TP rank, [gate shard; up shard].
+
+Loading reads, on each rank, only the rows / columns of each HF tensor that rank holds
+(`safetensors` slices, memory-mapped). Export gathers in buckets: the shards of many parameters are
+packed into one flat buffer per bucket, gathered with one collective over TP and broadcast with one
+collective over PP, so peak extra memory is a few buckets, not the model, and the number of
+collectives is the number of buckets, not of tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import torch
+
+from megatron_spo.errors import UserError
+from megatron_spo.models.hf_config import ModelSpec
+from megatron_spo.platform import ParallelContext
+
+Layout = Literal["replicated", "column", "row", "qkv", "gate_up"]
+
+DEFAULT_BUCKET_BYTES = 512 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    mcore: str
+    """Megatron parameter name; for decoder layers relative to `decoder.layers.<i>.`."""
+    hf: tuple[str, ...]
+    """HF tensor names; `{i}` is the global layer index."""
+    layout: Layout
+
+
+_LAYER = "model.layers.{i}."
+
+# Llama, Qwen2 and Qwen3 share one layout; a rule whose Megatron parameter a model does not have
+# (QKV bias, QK-norm) is simply never matched. TE-spec aliases fuse the pre-attention and pre-MLP
+# norms into the following linear layer.
+LLAMA_LIKE_LAYER_RULES = (
+    Rule("input_layernorm.weight", (_LAYER + "input_layernorm.weight",), "replicated"),
+    Rule("self_attention.linear_qkv.layer_norm_weight", (_LAYER + "input_layernorm.weight",), "replicated"),
+    Rule(
+        "self_attention.linear_qkv.weight",
+        tuple(_LAYER + f"self_attn.{p}_proj.weight" for p in "qkv"),
+        "qkv",
+    ),
+    Rule(
+        "self_attention.linear_qkv.bias",
+        tuple(_LAYER + f"self_attn.{p}_proj.bias" for p in "qkv"),
+        "qkv",
+    ),
+    Rule("self_attention.q_layernorm.weight", (_LAYER + "self_attn.q_norm.weight",), "replicated"),
+    Rule("self_attention.k_layernorm.weight", (_LAYER + "self_attn.k_norm.weight",), "replicated"),
+    Rule("self_attention.linear_proj.weight", (_LAYER + "self_attn.o_proj.weight",), "row"),
+    Rule("pre_mlp_layernorm.weight", (_LAYER + "post_attention_layernorm.weight",), "replicated"),
+    Rule("mlp.linear_fc1.layer_norm_weight", (_LAYER + "post_attention_layernorm.weight",), "replicated"),
+    Rule(
+        "mlp.linear_fc1.weight",
+        (_LAYER + "mlp.gate_proj.weight", _LAYER + "mlp.up_proj.weight"),
+        "gate_up",
+    ),
+    Rule("mlp.linear_fc2.weight", (_LAYER + "mlp.down_proj.weight",), "row"),
+)
+LLAMA_LIKE_GLOBAL_RULES = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "column"),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
+    Rule("output_layer.weight", ("lm_head.weight",), "column"),
+)
+
+MAPPINGS: dict[str, tuple[tuple[Rule, ...], tuple[Rule, ...]]] = {
+    "LlamaForCausalLM": (LLAMA_LIKE_LAYER_RULES, LLAMA_LIKE_GLOBAL_RULES),
+    "Qwen2ForCausalLM": (LLAMA_LIKE_LAYER_RULES, LLAMA_LIKE_GLOBAL_RULES),
+    "Qwen3ForCausalLM": (LLAMA_LIKE_LAYER_RULES, LLAMA_LIKE_GLOBAL_RULES),
+}
+
+_LAYER_PARAM = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@dataclasses.dataclass
+class BoundParam:
+    """One local Megatron parameter with its rule and the HF tensors it maps to."""
+
+    name: str
+    param: torch.Tensor
+    rule: Rule
+    hf_names: tuple[str, ...]
+    exported: bool
+    """False for the last stage's copy of tied embeddings (HF has no lm_head then)."""
+
+
+class WeightBridge:
+    """Maps one model's Megatron shards to HF tensors and back, for one parallel layout."""
+
+    def __init__(self, spec: ModelSpec, parallel: ParallelContext):
+        if spec.architecture not in MAPPINGS:
+            raise UserError(
+                f"no weight mapping for {spec.architecture}; supported: {', '.join(MAPPINGS)}"
+            )
+        self.spec = spec
+        self.parallel = parallel
+        layer_rules, global_rules = MAPPINGS[spec.architecture]
+        self._layer_rules = {rule.mcore: rule for rule in layer_rules}
+        self._global_rules = {rule.mcore: rule for rule in global_rules}
+        self._export_plan_cache: dict[tuple, list[list[tuple]]] = {}
+
+    # ------------------------------------------------------------------ binding
+
+    def bind(self, chunks: Sequence[torch.nn.Module]) -> list[BoundParam]:
+        """Every local parameter of every chunk with its rule; unknown parameters are an error."""
+        bound = []
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                bound.append(self._bind_one(chunk, name, param))
+        return bound
+
+    def _bind_one(self, chunk, name: str, param: torch.Tensor) -> BoundParam:
+        match = _LAYER_PARAM.match(name)
+        if match:
+            local_index, rest = int(match.group(1)), match.group(2)
+            rule = self._layer_rules.get(rest)
+            layer = chunk.decoder.layers[local_index].layer_number - 1
+            hf_names = tuple(h.format(i=layer) for h in rule.hf) if rule else ()
+            exported = True
+        else:
+            rule = self._global_rules.get(name)
+            hf_names = rule.hf if rule else ()
+            exported = True
+            if rule and name == "output_layer.weight" and self.spec.tie_word_embeddings:
+                # the last stage's copy of the tied embedding: loaded from the embedding,
+                # never exported (HF ties lm_head to embed_tokens itself)
+                hf_names = ("model.embed_tokens.weight",)
+                exported = False
+        if rule is None:
+            raise UserError(
+                f"{self.spec.architecture}: Megatron parameter {name!r} has no HF mapping "
+                "(is the layer spec one this bridge knows?)"
+            )
+        return BoundParam(name=name, param=param, rule=rule, hf_names=hf_names, exported=exported)
+
+    # ------------------------------------------------------------------ layouts
+
+    def _qkv_dims(self) -> tuple[int, int, int]:
+        """(KV groups on this TP rank, query heads per group, head dim)."""
+        spec = self.spec
+        return (
+            spec.num_kv_heads // self.parallel.tp,
+            spec.num_attention_heads // spec.num_kv_heads,
+            spec.head_dim,
+        )
+
+    def read_shard(self, rule: Rule, hf_names: tuple[str, ...], read: Callable) -> torch.Tensor:
+        """This TP rank's shard of one Megatron parameter.
+
+        `read(hf_name, dim, start, stop)` returns rows (dim 0) or columns (dim 1) [start, stop) of
+        an HF tensor, or the whole tensor when `dim` is None.
+        """
+        tp, r = self.parallel.tp, self.parallel.tp_rank
+        if rule.layout == "replicated":
+            return read(hf_names[0], None, 0, 0)
+        if rule.layout in ("column", "row"):
+            dim = 0 if rule.layout == "column" else 1
+            size = read.shape(hf_names[0])[dim]
+            step = size // tp
+            return read(hf_names[0], dim, r * step, (r + 1) * step)
+        if rule.layout == "gate_up":
+            size = read.shape(hf_names[0])[0] // tp
+            gate = read(hf_names[0], 0, r * size, (r + 1) * size)
+            up = read(hf_names[1], 0, r * size, (r + 1) * size)
+            return torch.cat([gate, up], dim=0)
+        if rule.layout == "qkv":
+            groups, q_per_group, head_dim = self._qkv_dims()
+            g0 = r * groups
+            q = read(hf_names[0], 0, g0 * q_per_group * head_dim, (g0 + groups) * q_per_group * head_dim)
+            k = read(hf_names[1], 0, g0 * head_dim, (g0 + groups) * head_dim)
+            v = read(hf_names[2], 0, g0 * head_dim, (g0 + groups) * head_dim)
+            rest = q.shape[1:]
+            per_group = [
+                q.reshape(groups, q_per_group * head_dim, *rest),
+                k.reshape(groups, head_dim, *rest),
+                v.reshape(groups, head_dim, *rest),
+            ]
+            return torch.cat(per_group, dim=1).reshape(-1, *rest)
+        raise AssertionError(rule.layout)
+
+    def merge_shards(self, rule: Rule, hf_names: tuple[str, ...], shards: list[torch.Tensor]):
+        """HF tensors from the TP shards of one Megatron parameter: [(hf_name, tensor), ...]."""
+        if rule.layout == "replicated":
+            return [(hf_names[0], shards[0])]
+        if rule.layout in ("column", "row"):
+            dim = 0 if rule.layout == "column" else 1
+            full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=dim)
+            return [(hf_names[0], full)]
+        if rule.layout == "gate_up":
+            half = shards[0].shape[0] // 2
+            if len(shards) == 1:
+                return [(hf_names[0], shards[0][:half]), (hf_names[1], shards[0][half:])]
+            gate = torch.cat([s[:half] for s in shards], dim=0)
+            up = torch.cat([s[half:] for s in shards], dim=0)
+            return [(hf_names[0], gate), (hf_names[1], up)]
+        if rule.layout == "qkv":
+            groups, q_per_group, head_dim = self._qkv_dims()
+            rest = shards[0].shape[1:]
+            grouped = [s.view(groups, (q_per_group + 2) * head_dim, *rest) for s in shards]
+            full = grouped[0] if len(grouped) == 1 else torch.cat(grouped, dim=0)
+            q_rows = q_per_group * head_dim
+            return [
+                (hf_names[0], full[:, :q_rows].reshape(-1, *rest)),
+                (hf_names[1], full[:, q_rows : q_rows + head_dim].reshape(-1, *rest)),
+                (hf_names[2], full[:, q_rows + head_dim :].reshape(-1, *rest)),
+            ]
+        raise AssertionError(rule.layout)
+
+    # ------------------------------------------------------------------ load
+
+    @torch.no_grad()
+    def load_hf(self, chunks: Sequence[torch.nn.Module], hf_dir: str | Path) -> None:
+        """Load an HF safetensors checkpoint (single file or sharded index) into the chunks."""
+        reader = SafetensorsReader(hf_dir)
+        try:
+            for bound in self.bind(chunks):
+                for hf_name in bound.hf_names:
+                    reader.check(hf_name)
+                shard = self.read_shard(bound.rule, bound.hf_names, reader)
+                if tuple(shard.shape) != tuple(bound.param.shape):
+                    raise UserError(
+                        f"{hf_dir}: {', '.join(bound.hf_names)} gives shape {tuple(shard.shape)} for "
+                        f"{bound.name}, expected {tuple(bound.param.shape)} (config and weights disagree?)"
+                    )
+                bound.param.copy_(shard)
+        finally:
+            reader.close()
+
+    # ------------------------------------------------------------------ export
+
+    def _export_plan(self, chunks: Sequence[torch.nn.Module], bound: list[BoundParam]) -> list[list[tuple]]:
+        """Per pipeline stage: [(mcore_name, rule_key, hf_names, shard_shape)] of exported params.
+
+        Stages learn each other's parameters with one object collective, once per model.
+        """
+        key = tuple(id(c) for c in chunks)
+        if key in self._export_plan_cache:
+            return self._export_plan_cache[key]
+        mine = [
+            (b.name, b.rule.mcore, b.rule.layout, b.hf_names, tuple(b.param.shape))
+            for b in bound
+            if b.exported
+        ]
+        if self.parallel.pp > 1:
+            plans: list = [None] * self.parallel.pp
+            torch.distributed.all_gather_object(plans, mine, group=self.parallel.pp_group)
+        else:
+            plans = [mine]
+        self._export_plan_cache[key] = plans
+        return plans
+
+    @torch.no_grad()
+    def export_hf(
+        self,
+        chunks: Sequence[torch.nn.Module],
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(hf_name, full_tensor)` for the whole model on every rank, bucket by bucket.
+
+        Every rank of the model-parallel group must iterate to the end (the buckets are
+        collectives). Tensors may alias the model's parameters (at TP=1) or a bucket buffer that
+        is reused after the next bucket: consume or copy each before advancing past its bucket.
+        `dtype` converts before communication, so a bf16 export moves half the bytes of fp32.
+        """
+        for bucket in self.export_buckets(chunks, bucket_bytes=bucket_bytes, dtype=dtype):
+            yield from bucket
+
+    @torch.no_grad()
+    def export_buckets(
+        self,
+        chunks: Sequence[torch.nn.Module],
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Like `export_hf`, one list of `(hf_name, full_tensor)` per bucket."""
+        par = self.parallel
+        bound = self.bind(chunks)
+        by_name = {b.name: b for b in bound}
+        plans = self._export_plan(chunks, bound)
+        rules = {**{r.mcore: r for r in self._layer_rules.values()}, **self._global_rules}
+        param_dtype = bound[0].param.dtype if bound else torch.float32
+        out_dtype = dtype or param_dtype
+        elem = torch.empty((), dtype=out_dtype).element_size()
+
+        if par.tp == 1 and par.pp == 1:
+            # nothing to communicate: views of the parameters (converted if asked)
+            batch, batch_bytes = [], 0
+            for b in bound:
+                if not b.exported:
+                    continue
+                shard = b.param.detach().to(out_dtype)
+                batch.extend(self.merge_shards(b.rule, b.hf_names, [shard]))
+                batch_bytes += shard.numel() * elem
+                if batch_bytes >= bucket_bytes:
+                    yield batch
+                    batch, batch_bytes = [], 0
+            if batch:
+                yield batch
+            return
+
+        pp_ranks = par.pp_ranks
+        for stage, plan in enumerate(plans):
+            for entries in _split_by_bytes(plan, bucket_bytes // max(par.tp, 1), elem):
+                numels = [_numel(shape) for *_, shape in entries]
+                total = sum(numels)
+                gathered = torch.empty((par.tp, total), dtype=out_dtype, device=_device_of(bound))
+                if par.pp_rank == stage:
+                    send = gathered[par.tp_rank] if par.tp > 1 else gathered[0]
+                    offset = 0
+                    for (name, *_), n in zip(entries, numels):
+                        send[offset : offset + n].copy_(by_name[name].param.detach().reshape(-1))
+                        offset += n
+                    if par.tp > 1:
+                        torch.distributed.all_gather(
+                            list(gathered.unbind(0)), send.clone(), group=par.tp_group
+                        )
+                if par.pp > 1:
+                    torch.distributed.broadcast(gathered, src=pp_ranks[stage], group=par.pp_group)
+                batch = []
+                offset = 0
+                for (name, rule_key, _layout, hf_names, shape), n in zip(entries, numels):
+                    shards = [gathered[t, offset : offset + n].view(shape) for t in range(par.tp)]
+                    batch.extend(self.merge_shards(rules[rule_key], tuple(hf_names), shards))
+                    offset += n
+                yield batch
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _device_of(bound: list[BoundParam]) -> torch.device:
+    return bound[0].param.device if bound else torch.device("cpu")
+
+
+def _split_by_bytes(plan: list[tuple], limit: int, elem: int) -> Iterator[list[tuple]]:
+    bucket, size = [], 0
+    for entry in plan:
+        nbytes = _numel(entry[-1]) * elem
+        if bucket and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(entry)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class SafetensorsReader:
+    """Reads HF tensors, or slices of them, from a safetensors checkpoint (single or sharded)."""
+
+    def __init__(self, hf_dir: str | Path):
+        self.hf_dir = Path(hf_dir)
+        if not self.hf_dir.is_dir():
+            raise UserError(f"model directory {hf_dir} does not exist")
+        index = self.hf_dir / "model.safetensors.index.json"
+        single = self.hf_dir / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise UserError(f"{index} is not a valid safetensors index: {err}") from err
+            self.weight_map = {name: self.hf_dir / file for name, file in weight_map.items()}
+        elif single.is_file():
+            self.weight_map = None
+            self._single = single
+        else:
+            raise UserError(
+                f"{hf_dir} has no model.safetensors or model.safetensors.index.json "
+                "(only safetensors checkpoints are supported)"
+            )
+        self._handles: dict[Path, object] = {}
+
+    def _file_of(self, name: str) -> Path:
+        if self.weight_map is None:
+            return self._single
+        if name not in self.weight_map:
+            raise UserError(f"{self.hf_dir}: tensor {name!r} is not in model.safetensors.index.json")
+        return self.weight_map[name]
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            if not path.is_file():
+                raise UserError(f"{self.hf_dir}: safetensors shard {path.name} is missing")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise UserError(f"{path}: cannot be read as safetensors: {err}") from err
+        return self._handles[path]
+
+    def check(self, name: str) -> None:
+        handle = self._handle(self._file_of(name))
+        if name not in handle.keys():
+            raise UserError(f"{self._file_of(name)}: tensor {name!r} is missing")
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(self._file_of(name)).get_slice(name).get_shape())
+
+    def __call__(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        piece = self._handle(self._file_of(name)).get_slice(name)
+        try:
+            if dim is None:
+                return piece[:]
+            if dim == 0:
+                return piece[start:stop]
+            return piece[:, start:stop]
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"{self._file_of(name)}: tensor {name!r} cannot be read: {err}") from err
+
+    def close(self) -> None:
+        self._handles.clear()
