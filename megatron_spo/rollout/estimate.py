@@ -1,0 +1,424 @@
+"""`megatron-spo values estimate`: offline value estimation (SPO's preprocessing step).
+
+Samples `n` responses per prompt of a dataset with a pretrained model, scores each against the
+prompt's ground truth and writes one record per response to `OUTPUT_DIR/validation_data/0.jsonl`,
+the layout of the authors' verl pipeline (seed 000) that `megatron-spo values merge` reads:
+
+    {"input": <prompt as the model saw it, special tokens dropped>, "output": <response text>,
+     "score": <float>, "ground_truth": ..., "data_source": ..., "prompt": <raw user prompt>,
+     "prompt_index": i, "sample_index": j, "finish_reason": "stop" | "length", "step": 0}
+
+Sampling defaults are the authors' (temperature 0.6, top_p 0.95, top_k 20, n 8). Response j of
+prompt i is sampled with seed `seed + i * n + j`, so with the `hf` engine the file is the same
+whatever the number of ranks.
+
+Under torchrun the prompts are split over ranks (`prompts[rank::world]`) and rank 0 gathers and
+writes the file; with `--engine vllm --tensor-parallel-size WORLD` every rank runs the same
+sharded engine on all prompts instead. Prompts over the length limit are skipped and counted (or
+truncated, `--overlong truncate`); the counts go to `OUTPUT_DIR/estimate_summary.json`.
+
+Scoring: the rewards module's math grader when it is installed (`megatron_spo.rollout.rewards`),
+else an exact match of the last `\\boxed{...}` answer against the ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_spo.errors import UserError
+from megatron_spo.rollout.engine import EngineConfig, make_engine
+from megatron_spo.rollout.prompts import PromptConfig, build_prompts, to_messages
+from megatron_spo.rollout.types import GenerationRequest, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PROMPT_KEYS = ("prompt", "question", "problem")
+ANSWER_KEYS = ("reward_model.ground_truth", "ground_truth", "answer", "solution")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EstimateConfig:
+    data: str
+    """Dataset file: .jsonl, .json (a list of records) or .parquet."""
+    output_dir: str
+    """Run directory; results go to OUTPUT_DIR/validation_data/0.jsonl."""
+    engine: EngineConfig
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    n: int = 8
+    """Responses per prompt; the authors merge 8 scores per prompt (offline_n)."""
+    temperature: float = 0.6
+    """The authors' sampling temperature for Qwen3 (seed 000 eval settings)."""
+    top_p: float = 0.95
+    """The authors' nucleus mass."""
+    top_k: int = 20
+    """The authors' top-k."""
+    max_tokens: int = 16384
+    """Response length cap in tokens: the authors' 16k response length; the model's context
+    length caps it further."""
+    seed: int = 0
+    """Base seed: response j of prompt i uses seed + i * n + j."""
+    prompts_per_call: int = 64
+    """Prompts handed to the engine per generate call (progress is logged between calls)."""
+    prompt_key: str | None = None
+    """Record field holding the prompt (a string or chat messages); None tries
+    prompt, question, problem."""
+    answer_key: str | None = None
+    """Record field holding the ground truth (dots reach into dicts); None tries
+    reward_model.ground_truth, ground_truth, answer, solution."""
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise UserError(f"--n must be >= 1, got {self.n}")
+        if self.prompts_per_call < 1:
+            raise UserError(f"--prompts-per-call must be >= 1, got {self.prompts_per_call}")
+        if not Path(self.data).is_file():
+            raise UserError(f"--data: {self.data} is not a file")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_records(path: str) -> list[dict[str, Any]]:
+    """Records of a .jsonl / .json / .parquet dataset file."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+        return records
+    if suffix == ".json":
+        with open(path, encoding="utf-8") as fh:
+            try:
+                records = json.load(fh)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        return records
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise UserError(f"--data: {path} has suffix {suffix!r}; expected .jsonl, .json or .parquet")
+
+
+def _get(record: dict[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _pick_key(records: list[dict[str, Any]], explicit: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
+    if explicit is not None:
+        return explicit
+    for key in candidates:
+        if _get(records[0], key) is not None:
+            return key
+    raise UserError(
+        f"{path}: record 0 has none of the {what} fields {', '.join(candidates)} "
+        f"(its fields: {', '.join(records[0])}); name one with --{what}-key"
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` in `text` (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start == -1:
+        return None
+    depth = 0
+    begin = start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            if depth == 0:
+                return text[begin:i]
+            depth -= 1
+    return None
+
+
+def boxed_exact_match(response: str, ground_truth: Any) -> float:
+    """1.0 when the last boxed answer equals the ground truth (whitespace-stripped), else 0.0."""
+    answer = last_boxed(response)
+    return float(answer is not None and answer.strip() == str(ground_truth).strip())
+
+
+def default_scorer() -> tuple[Callable[[str, Any], float], str]:
+    """The rewards module's math grader if present, else the boxed exact match."""
+    try:
+        from megatron_spo.rollout import rewards  # noqa: F401  (the rewards issue's module)
+    except ImportError:
+        return boxed_exact_match, "boxed_exact_match"
+    score_fn = getattr(rewards, "math_score", None)
+    if score_fn is None:
+        return boxed_exact_match, "boxed_exact_match"
+
+    def score(response: str, ground_truth: Any) -> float:
+        result = score_fn(response, str(ground_truth))
+        return float(getattr(result, "score", result))
+
+    return score, "rewards.math_score"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Job:
+    index: int
+    prompt_text: str
+    token_ids: list[int]
+    raw_prompt: str
+    ground_truth: Any
+    data_source: str
+
+
+def _raw_user_prompt(prompt: Any) -> str:
+    messages = to_messages(prompt)
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    from megatron_spo import platform
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend=platform.backend())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run(config: EstimateConfig) -> dict[str, Any]:
+    """Run the estimate; rank 0 writes the files and returns the summary (other ranks: {})."""
+    started = time.perf_counter()
+    rank, world = _distributed()
+    records = load_records(config.data)
+    if not records:
+        raise UserError(f"--data: {config.data} holds no records")
+    prompt_field = _pick_key(records, config.prompt_key, PROMPT_KEYS, "prompt", config.data)
+    answer_field = _pick_key(records, config.answer_key, ANSWER_KEYS, "answer", config.data)
+    for i, record in enumerate(records):
+        if _get(record, prompt_field) is None:
+            raise UserError(f"{config.data}: record {i} has no {prompt_field!r}")
+        if _get(record, answer_field) is None:
+            raise UserError(f"{config.data}: record {i} has no {answer_field!r}")
+
+    engine = make_engine(config.engine)
+    tokenizer = getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        raise UserError(f"--model: {config.engine.model} has no tokenizer; prompts need one")
+    batch = build_prompts([_get(r, prompt_field) for r in records], tokenizer, config.prompt)
+    default_source = Path(config.data).stem
+    jobs = [
+        _Job(
+            index=p.index,
+            prompt_text=tokenizer.decode(p.token_ids, skip_special_tokens=True),
+            token_ids=p.token_ids,
+            raw_prompt=_raw_user_prompt(_get(records[p.index], prompt_field)),
+            ground_truth=_get(records[p.index], answer_field),
+            data_source=str(records[p.index].get("data_source", default_source)),
+        )
+        for p in batch.prompts
+    ]
+    # one engine per rank: split the prompts; one engine sharded over all ranks: all prompts
+    sharded_engine = config.engine.name == "vllm" and config.engine.tensor_parallel_size > 1
+    my_jobs = jobs if sharded_engine else jobs[rank::world]
+    score, scorer_name = default_scorer()
+
+    my_records = []
+    for start in range(0, len(my_jobs), config.prompts_per_call):
+        chunk = my_jobs[start : start + config.prompts_per_call]
+        requests = [
+            GenerationRequest(
+                prompt_token_ids=job.token_ids,
+                params=SamplingParams(
+                    n=config.n,
+                    temperature=config.temperature,
+                    top_p=config.top_p,
+                    top_k=config.top_k,
+                    max_tokens=config.max_tokens,
+                    seed=config.seed + job.index * config.n,
+                ),
+            )
+            for job in chunk
+        ]
+        for job, result in zip(chunk, engine.generate(requests)):
+            for j, completion in enumerate(result.completions):
+                text = completion.text or ""
+                my_records.append(
+                    {
+                        "input": job.prompt_text,
+                        "output": text,
+                        "score": score(text, job.ground_truth),
+                        "ground_truth": job.ground_truth,
+                        "data_source": job.data_source,
+                        "prompt": job.raw_prompt,
+                        "prompt_index": job.index,
+                        "sample_index": j,
+                        "finish_reason": completion.finish_reason,
+                        "step": 0,
+                    }
+                )
+        logger.info("rank %d: %d / %d prompts done", rank, start + len(chunk), len(my_jobs))
+    engine.shutdown()
+
+    all_records = my_records
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(my_records, gathered, dst=0)
+        if rank == 0:
+            all_records = my_records if sharded_engine else [r for part in gathered for r in part]
+    if rank != 0:
+        return {}
+    all_records.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
+    out_dir = Path(config.output_dir)
+    _write_jsonl(out_dir / "validation_data" / "0.jsonl", all_records)
+    scores = [r["score"] for r in all_records]
+    summary = {
+        "data": str(config.data),
+        "model": str(config.engine.model),
+        "engine": config.engine.name,
+        "ranks": world,
+        "scorer": scorer_name,
+        "prompts_in_file": len(records),
+        "prompts_estimated": len(jobs),
+        "prompts_skipped_overlong": len(batch.skipped),
+        "skipped_indices": batch.skipped,
+        "prompts_truncated": batch.num_truncated,
+        "responses": len(all_records),
+        "responses_per_prompt": config.n,
+        "mean_score": sum(scores) / len(scores) if scores else None,
+        "finished_by_length": sum(r["finish_reason"] == "length" for r in all_records),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    _write_json(out_dir / "estimate_summary.json", summary)
+    return summary
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = {f.name: f.default for f in dataclasses.fields(EstimateConfig) if f.default is not dataclasses.MISSING}
+    prompt_defaults = PromptConfig()
+    parser = argparse.ArgumentParser(
+        prog="megatron-spo values estimate",
+        description=(
+            "Sample N responses per prompt with a pretrained model, score them against the ground "
+            "truth and write OUTPUT_DIR/validation_data/0.jsonl (the input of `values merge`). "
+            "Runs under torchrun with the prompts split over ranks."
+        ),
+        epilog=(
+            "example: megatron-spo values estimate --data subset_0.parquet --model Qwen3-8B "
+            "--n 8 --output-dir runs/offline/subset_0 --engine vllm"
+        ),
+    )
+    parser.add_argument("--data", required=True, help="dataset file (.jsonl, .json, .parquet)")
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--output-dir", required=True, help="writes validation_data/0.jsonl and estimate_summary.json here")
+    parser.add_argument("--n", type=int, default=defaults["n"], help="responses per prompt (default %(default)s)")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine (default %(default)s)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="vllm: rollout TP; 1 = one engine per rank, WORLD = one engine over all ranks")
+    parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="default %(default)s")
+    parser.add_argument("--top-p", type=float, default=defaults["top_p"], help="default %(default)s")
+    parser.add_argument("--top-k", type=int, default=defaults["top_k"], help="default %(default)s (-1 disables)")
+    parser.add_argument("--max-tokens", type=int, default=defaults["max_tokens"], help="response cap (default %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=prompt_defaults.max_prompt_tokens, help="default %(default)s")
+    parser.add_argument("--overlong", choices=("skip", "truncate", "error"), default=prompt_defaults.overlong,
+                        help="longer prompts are skipped (counted), truncated to their end (counted) or an error")
+    parser.add_argument("--answer-suffix", default=prompt_defaults.answer_format_suffix,
+                        help="appended to each user prompt; '' disables (default: %(default)r)")
+    parser.add_argument("--chat-template", choices=("auto", "always", "never"), default=prompt_defaults.use_chat_template,
+                        help="use the tokenizer's chat template (default %(default)s: when it has one)")
+    parser.add_argument("--prompt-key", default=None, help="record field of the prompt (default: prompt|question|problem)")
+    parser.add_argument("--answer-key", default=None,
+                        help="record field of the ground truth, dots reach into dicts "
+                             "(default: reward_model.ground_truth|ground_truth|answer|solution)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="default %(default)s")
+    parser.add_argument("--dtype", default="float32", help="engine weights dtype (default %(default)s)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once (default %(default)s)")
+    parser.add_argument("--prompts-per-call", type=int, default=defaults["prompts_per_call"], help="default %(default)s")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = EstimateConfig(
+        data=args.data,
+        output_dir=args.output_dir,
+        engine=EngineConfig(
+            model=args.model,
+            name=args.engine,
+            dtype=args.dtype,
+            seed=args.seed,
+            max_num_seqs=args.max_num_seqs,
+            tensor_parallel_size=args.tensor_parallel_size,
+        ),
+        prompt=PromptConfig(
+            answer_format_suffix=args.answer_suffix,
+            use_chat_template=args.chat_template,
+            max_prompt_tokens=args.max_prompt_tokens,
+            overlong=args.overlong,
+        ),
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        prompts_per_call=args.prompts_per_call,
+        prompt_key=args.prompt_key,
+        answer_key=args.answer_key,
+    )
+    summary = run(config)
+    if summary:
+        print(json.dumps({k: v for k, v in summary.items() if k != "skipped_indices"}))
+    return 0

@@ -1,0 +1,315 @@
+"""The `hf` rollout engine: batched sampling with a plain transformers model and a KV cache.
+
+The lightweight embedded engine for CPU runs and machines without vLLM. It implements the same
+contract as the vLLM engine, token for token where the math allows:
+
+- requests are token ids (a prompt, possibly ending in a partial response); each is expanded
+  into `n` sequences, which are sorted by length and decoded `max_num_seqs` at a time with left
+  padding, explicit position ids and a `DynamicCache`; finished rows leave the cache at once;
+- the sampling distribution of a row is `softmax(filter(logits / temperature))`, where the
+  filter keeps the `top_k` largest logits, then the smallest set of tokens with probability
+  mass >= `top_p` (vLLM's order and rule). Temperature 0 is greedy (argmax of the raw logits);
+- the returned logprob of a token is its log-probability under that sampling distribution
+  (under the raw `log_softmax(logits)` for greedy rows, there being no other distribution);
+- a request with a seed samples its `j`-th sequence with its own generator seeded `seed + j`
+  (vLLM's rule for n > 1), so its output does not depend on what else is in the batch;
+- a sample ends with finish reason "stop" at an EOS / stop token id (included in the output) or
+  when a stop string appears in its decoded text (the completing token is kept and the text is
+  cut right after the stop string, vLLM's `include_stop_str_in_output=True`), and "length" at
+  `max_tokens` or at the model's context length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from megatron_spo import platform
+from megatron_spo.rollout.engine import EngineConfig, find_stop_string
+from megatron_spo.rollout.types import (
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    SamplingParams,
+)
+
+logger = logging.getLogger(__name__)
+
+# Tokens decoded past a stop string's length when checking the tail of a sample: covers tokens
+# that decode to nothing on their own (special tokens, partial UTF-8 byte sequences).
+_STOP_WINDOW_SLACK = 8
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One sample being decoded: the `sample_index`-th of request `request_index`."""
+
+    request_index: int
+    sample_index: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_text_end: int | None = None
+
+
+def sampling_logprobs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Log-probabilities of the per-row sampling distributions.
+
+    logits (B, V) float32; temperature, top_p (B,) float; top_k (B,) long, <= 0 disables it.
+    Rows with temperature 0 (greedy) get the raw `log_softmax(logits)`. Filtered-out tokens get
+    -inf. Returns (B, V).
+    """
+    vocab = logits.shape[-1]
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    k_on = (top_k > 0) & (top_k < vocab) & ~greedy
+    if bool(k_on.any()):
+        # value of the k-th largest logit per row; everything strictly below it is dropped
+        kth = scaled.sort(dim=-1, descending=True).values.gather(1, (top_k.clamp(1, vocab) - 1)[:, None])
+        scaled = scaled.masked_fill(k_on[:, None] & (scaled < kth), float("-inf"))
+    p_on = (top_p < 1.0) & ~greedy
+    if bool(p_on.any()):
+        probs = scaled.softmax(dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # a token is dropped when the more likely tokens before it already reach top_p
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = (mass_before >= top_p[:, None]) & p_on[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled.log_softmax(dim=-1)
+
+
+def _eos_token_ids(model_dir: Path, model_config, tokenizer) -> set[int]:
+    """EOS ids from generation_config.json, the model config and the tokenizer (vLLM's union)."""
+    ids: set[int] = set()
+    candidates = [getattr(model_config, "eos_token_id", None)]
+    try:
+        from transformers import GenerationConfig
+
+        candidates.append(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+    except OSError:  # no generation_config.json
+        pass
+    if tokenizer is not None:
+        candidates.append(tokenizer.eos_token_id)
+    for value in candidates:
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return ids
+
+
+class HFEngine(RolloutEngine):
+    """Rollout engine on a transformers causal LM (see the module docstring for the contract)."""
+
+    def __init__(self, config: EngineConfig):
+        import transformers
+
+        self.config = config
+        model_dir = Path(config.model)
+        dtype = getattr(torch, config.dtype)
+        self.device = platform.device()
+        hf_config = transformers.AutoConfig.from_pretrained(model_dir)
+        if config.load_weights:
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError):
+            self.tokenizer = None  # token ids in, token ids out; stop strings unavailable
+        self.eos_token_ids = _eos_token_ids(model_dir, hf_config, self.tokenizer)
+        self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
+        self.vocab_size = hf_config.vocab_size
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._asleep = False
+        # name -> tensor for every weight the model has, tied aliases included
+        self._weights = self.model.state_dict(keep_vars=True)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if self._asleep:
+            raise RuntimeError("HFEngine.generate called while asleep; call wake_up() first")
+        sequences = [seq for index, request in enumerate(requests) for seq in self._expand(index, request)]
+        # similar lengths together: less padding per batch
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt))
+        batch = self.config.max_num_seqs
+        with torch.inference_mode():
+            for start in range(0, len(order), batch):
+                self._decode([sequences[i] for i in order[start : start + batch]])
+        completions: list[list[Completion]] = [[] for _ in requests]
+        for seq in sequences:
+            completions[seq.request_index].append(self._completion(seq))
+        return [GenerationResult(request=r, completions=c) for r, c in zip(requests, completions)]
+
+    def _expand(self, index: int, request: GenerationRequest) -> list[_Sequence]:
+        prompt = list(request.prompt_token_ids)
+        params = request.params
+        if not prompt:
+            raise ValueError(f"request {index}: empty prompt_token_ids")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"request {index}: token ids must be in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"request {index}: prompt of {len(prompt)} tokens leaves no room in the context "
+                f"length {self.max_model_len}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"request {index}: stop strings need a tokenizer in {self.config.model}")
+        stop_ids = frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids)
+        sequences = []
+        for j in range(params.n):
+            if params.seed is None:
+                generator = self._generator
+            else:
+                generator = torch.Generator().manual_seed(params.seed + j)
+            sequences.append(_Sequence(index, j, prompt, params, generator, stop_ids))
+        return sequences
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        """Decode one batch to completion, filling each sequence's tokens and finish reason."""
+        pad_id = 0
+        lengths = [len(s.prompt) for s in seqs]
+        width = max(lengths)
+        # (B, P) left-padded prompts; positions count real tokens only
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
+            attention_mask[row, width - len(seq.prompt) :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention_mask, position_ids = (
+            t.to(self.device) for t in (input_ids, attention_mask, position_ids)
+        )
+        next_position = torch.tensor(lengths, device=self.device)  # (B,)
+        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        active = list(range(len(seqs)))  # rows of the cache -> index into seqs
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        while True:
+            logits = out.logits[:, -1, :].float().cpu()  # (B_active, V)
+            rows = torch.tensor(active)
+            logprobs = sampling_logprobs(logits, temperature[rows], top_k[rows], top_p[rows])
+            next_tokens = []
+            for row, seq_index in enumerate(active):
+                seq = seqs[seq_index]
+                if seq.params.temperature <= 0:
+                    token = int(logits[row].argmax())
+                else:
+                    token = int(torch.multinomial(logprobs[row].exp(), 1, generator=seq.generator))
+                seq.token_ids.append(token)
+                seq.logprobs.append(float(logprobs[row, token]))
+                self._check_finished(seq)
+                next_tokens.append(token)
+            keep = [row for row, seq_index in enumerate(active) if seqs[seq_index].finish_reason is None]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                keep_rows = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(keep_rows)
+                attention_mask = attention_mask[keep_rows]
+                next_position = next_position[keep_rows]
+                active = [active[row] for row in keep]
+            tokens = torch.tensor([next_tokens[row] for row in keep], device=self.device)[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=1)
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=attention_mask,
+                position_ids=next_position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+
+    def _check_finished(self, seq: _Sequence) -> None:
+        token = seq.token_ids[-1]
+        if token in seq.stop_ids:
+            seq.finish_reason = "stop"
+            return
+        if seq.params.stop:
+            window = max(len(s) for s in seq.params.stop) + _STOP_WINDOW_SLACK
+            tail = seq.token_ids[-window:]
+            tail_text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            new_chars = len(tail_text) - len(self.tokenizer.decode(tail[:-1], skip_special_tokens=True))
+            if new_chars > 0 and find_stop_string(tail_text, seq.params.stop, new_chars) is not None:
+                seq.finish_reason = "stop"
+                seq.stop_text_end = -1  # resolved on the full text in _completion
+                return
+        if len(seq.token_ids) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+        elif len(seq.prompt) + len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _completion(self, seq: _Sequence) -> Completion:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
+            if seq.stop_text_end is not None:
+                end = find_stop_string(text, seq.params.stop, len(text))
+                text = text if end is None else text[:end]
+        return Completion(
+            token_ids=seq.token_ids, logprobs=seq.logprobs, finish_reason=seq.finish_reason, text=text
+        )
+
+    # ------------------------------------------------------------------ weights and memory
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named full tensors into the model in place (any subset of its weights)."""
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = self._weights.get(name)
+                if target is None:
+                    raise ValueError(
+                        f"update_weights: {name!r} is not a weight of the {type(self.model).__name__} "
+                        f"in {self.config.model}"
+                    )
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                        f"{tuple(target.shape)}"
+                    )
+                target.copy_(tensor)
+
+    def sleep(self) -> None:
+        """Offload the weights to host memory when they live on an accelerator (on a CPU-only
+        machine they are already there: sleeping only forbids `generate` until `wake_up`).
+        The KV cache lives only inside `generate`, so there is none to free."""
+        if self.device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        if self.device.type != "cpu":
+            self.model.to(self.device)
+        self._asleep = False
+
+    def shutdown(self) -> None:
+        self._weights = {}
+        self.model = None
+        self._asleep = True
+

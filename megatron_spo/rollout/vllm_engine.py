@@ -1,0 +1,176 @@
+"""The `vllm` rollout engine: `vllm.LLM` in-process, colocated with the actor in the torchrun ranks.
+
+- Placement: `tensor_parallel_size=1` is one engine per rank (uni-process executor; the caller
+  splits prompts over ranks); `tensor_parallel_size=WORLD` is one engine sharded over all ranks of
+  the torchrun job with `distributed_executor_backend="external_launcher"` (every rank calls
+  `generate` with the same requests, SPMD). The rollout TP need not equal the actor's: weights
+  arrive as full HF tensors and vLLM shards them itself.
+- Weights: `collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})` per bucket
+  (vLLM's in-place reload, which also re-runs its kernel repacking, so it works on CPU where
+  `load_weights` on the repacked model does not), then `reset_prefix_cache()` so no cached KV of
+  the old weights is reused.
+- Sampling: vLLM's own; logprobs are requested with `logprobs_mode="processed_logprobs"`, i.e.
+  under the distribution actually sampled from (temperature, top-k, top-p applied), the same
+  contract as the `hf` engine; stop strings are kept in the output
+  (`include_stop_str_in_output=True`) so text and token ids agree.
+
+vLLM is imported only when this engine is built (`platform.import_vllm()`). Nothing here is
+CPU-specific except the environment `_set_cpu_environment` prepares before the import (see
+shared/notes/vllm-on-cpu.md): in-process engine core, KV-cache size, an explicit thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+from megatron_spo import platform
+from megatron_spo.errors import UserError
+from megatron_spo.rollout.engine import EngineConfig
+from megatron_spo.rollout.types import Completion, GenerationRequest, GenerationResult, RolloutEngine
+
+logger = logging.getLogger(__name__)
+
+
+def _set_cpu_environment(config: EngineConfig) -> None:
+    """Environment vLLM's CPU build reads at import / engine start."""
+    # the engine core in this process: weight updates and collective_rpc reach the model directly
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+    # without an explicit OMP_NUM_THREADS the CPU worker drops to one thread
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def _world_size() -> int:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class VLLMEngine(RolloutEngine):
+    """Rollout engine on an in-process `vllm.LLM` (see the module docstring)."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if not platform.is_gpu():
+            _set_cpu_environment(config)
+        else:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm = platform.import_vllm()
+        self._vllm = vllm
+        world = _world_size()
+        tp = config.tensor_parallel_size
+        if tp == 1:
+            executor = "uni"
+        elif tp == world:
+            executor = "external_launcher"
+        else:
+            raise UserError(
+                f"engine.tensor_parallel_size={tp}: must be 1 (one engine per rank) or the torchrun "
+                f"world size {world} (one engine over all ranks)"
+            )
+        kwargs = dict(
+            model=config.model,
+            dtype=config.dtype,
+            seed=config.seed,
+            tensor_parallel_size=tp,
+            distributed_executor_backend=executor,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=not platform.is_gpu(),
+            logprobs_mode="processed_logprobs",
+            load_format="auto" if config.load_weights else "dummy",
+        )
+        if config.max_model_len is not None:
+            kwargs["max_model_len"] = config.max_model_len
+        if platform.is_gpu():
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = config.enable_sleep_mode
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._asleep = False
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if self._asleep:
+            raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first")
+        if not requests:
+            return []
+        prompts = []
+        params = []
+        for index, request in enumerate(requests):
+            prompt = list(request.prompt_token_ids)
+            if not prompt:
+                raise ValueError(f"request {index}: empty prompt_token_ids")
+            if len(prompt) >= self.max_model_len:
+                raise ValueError(
+                    f"request {index}: prompt of {len(prompt)} tokens leaves no room in the context "
+                    f"length {self.max_model_len}"
+                )
+            p = request.params
+            prompts.append({"prompt_token_ids": prompt})
+            params.append(
+                self._vllm.SamplingParams(
+                    n=p.n,
+                    temperature=p.temperature,
+                    top_p=p.top_p,
+                    top_k=p.top_k if p.top_k > 0 else 0,
+                    # the hf engine's rule: a sample also ends at the context length ("length")
+                    max_tokens=min(p.max_tokens, self.max_model_len - len(prompt)),
+                    stop_token_ids=list(p.stop_token_ids),
+                    stop=list(p.stop),
+                    include_stop_str_in_output=True,
+                    seed=p.seed,
+                    logprobs=0,  # the sampled token's logprob only
+                )
+            )
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for request, output in zip(requests, outputs):
+            completions = []
+            for sample in sorted(output.outputs, key=lambda o: o.index):
+                token_ids = list(sample.token_ids)
+                logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, token_ids)]
+                if sample.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM ended a sample with finish reason {sample.finish_reason!r}")
+                completions.append(
+                    Completion(
+                        token_ids=token_ids, logprobs=logprobs, finish_reason=sample.finish_reason, text=sample.text
+                    )
+                )
+            results.append(GenerationResult(request=request, completions=completions))
+        return results
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload HF-named full tensors in place. Every tensor of one decoder layer must come in
+        the same call (vLLM re-processes a layer from what one call loaded; `weight_sync`
+        buckets by layer)."""
+        weights = list(named_tensors)
+        if not weights:
+            return
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """vLLM level-1 sleep (weights offloaded, KV cache dropped) where sleep mode is on
+        (GPU with `enable_sleep_mode`); elsewhere vLLM's sleep is a no-op and only `generate`
+        is forbidden until `wake_up`."""
+        if self.config.enable_sleep_mode:
+            self.llm.sleep(level=1)
+        self._asleep = True
+
+    def wake_up(self) -> None:
+        if self.config.enable_sleep_mode:
+            self.llm.wake_up()
+        self._asleep = False
+
+    def shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            del llm
+        import gc
+
+        gc.collect()
+        self._asleep = True
