@@ -87,10 +87,12 @@ def kl_drift(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch
 
     old_logprobs, new_logprobs: (B, T) log-probs of the stored response's tokens, right after the
     previous visit's update and now; mask: (B, T), 1 on response tokens that count (model tokens).
-    Returns (B,) float; a row with no masked token (first visit, nothing stored) has D = 0.
+    Returns (B,) float64; a row with no masked token (first visit, nothing stored) has D = 0.
+    Accumulated in float64 so D does not depend on how wide the batch was padded (the reduction
+    order changes with T), which keeps rho, and the tracker, identical at any DP size.
     """
-    mask = mask.to(old_logprobs.dtype)
-    abs_diff = (old_logprobs - new_logprobs).abs() * mask  # (B, T)
+    mask = mask.to(torch.float64)
+    abs_diff = (old_logprobs.to(torch.float64) - new_logprobs.to(torch.float64)).abs() * mask  # (B, T)
     tokens = mask.sum(dim=-1)  # (B,)
     return abs_diff.sum(dim=-1) / tokens.clamp(min=1.0)
 

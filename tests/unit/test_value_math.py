@@ -111,7 +111,7 @@ def test_kl_drift_is_masked_mean_abs_difference():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
     drift = kl_drift(old, new, mask)
     # row 0: (0.5 + 0) / 2 (third token masked); row 1: (0.25 + 0.5 + 0) / 3; row 2: nothing stored -> 0
-    torch.testing.assert_close(drift, torch.tensor([0.25, 0.25, 0.0]))
+    torch.testing.assert_close(drift, torch.tensor([0.25, 0.25, 0.0], dtype=torch.float64))
 
 
 def test_update_hand_computed():
