@@ -4,7 +4,10 @@ A "model" writes a number digit by digit (tokens 0-9 are the digits, token 10 is
 rewarded `R = -|n - t| / 999` for the number n it wrote against the target t of the prompt
 (an unfinished answer scores -1). Its next-token distribution is scripted (`DigitPolicy`), so the
 value of any prefix, V(prefix) = E[R | prefix], is a finite sum over at most 10^3 completions
-(`exact_prefix_value`). `DigitTaskEngine` is a real `RolloutEngine` over this policy that honours
+(`exact_prefix_value`). `TabularDigitPolicy` is the learnable version (a table of logits per
+prefix, with differentiable `teacher_forced_logprobs`), so an algorithm's whole loop -- sample,
+build samples, loss, optimizer step, weight sync -- can be run and checked against the exact
+expected reward. `DigitTaskEngine` is a real `RolloutEngine` over either policy that honours
 n, temperature, top_p, top_k, max_tokens, stop tokens and seeds, and continues from token-id
 prefixes; the segment and soft-SPO tests check Monte Carlo estimates against the enumeration,
 and users can do the same to sanity-check a configuration before spending GPU time.
@@ -110,31 +113,94 @@ class DigitPolicy:
     def sampling_distribution(
         self, response_prefix: Sequence[int], temperature: float, top_p: float = 1.0, top_k: int = -1
     ) -> list[float]:
-        """The distribution the engine samples from: p^(1/T) renormalised, then top-k, then
-        top-p (the smallest most-likely set with mass >= top_p), renormalised."""
-        base = self.base_distribution(response_prefix)
-        if temperature == 0:
-            best = max(range(VOCAB_SIZE), key=lambda i: base[i])
-            return [1.0 if i == best else 0.0 for i in range(VOCAB_SIZE)]
-        tempered = [p ** (1.0 / temperature) if p > 0 else 0.0 for p in base]
-        total = sum(tempered)
-        probs = [p / total for p in tempered]
-        order = sorted(range(VOCAB_SIZE), key=lambda i: -probs[i])
-        keep: set[int] = set()
-        mass = 0.0
-        for rank, token in enumerate(order):
-            if probs[token] == 0 or (top_k > 0 and rank >= top_k):
-                break
-            keep.add(token)
-            mass += probs[token]
-            if mass >= top_p - 1e-12:
-                break
-        kept_total = sum(probs[i] for i in keep)
-        return [probs[i] / kept_total if i in keep else 0.0 for i in range(VOCAB_SIZE)]
+        return apply_sampling(self.base_distribution(response_prefix), temperature, top_p, top_k)
+
+    def load_weights(self, name: str, tensor: torch.Tensor) -> None:
+        if name != "first_digit_probs" or tuple(tensor.shape) != (10,):
+            raise KeyError(f"DigitPolicy has only 'first_digit_probs' (10,), got {name!r} {tuple(tensor.shape)}")
+        self.first_digit_probs = [float(p) for p in tensor]
+
+
+class TabularDigitPolicy:
+    """A learnable policy for the digit task: one row of 10 digit logits per prefix of 0, 1 or
+    2 digits (111 rows, `state_index`), EOS after the third digit. Train `logits` with torch and
+    push them to a `DigitTaskEngine` with `update_weights([("logits", logits)])`."""
+
+    NUM_STATES = 1 + 10 + 100
+
+    def __init__(self, logits: torch.Tensor | None = None):
+        self.logits = torch.zeros(self.NUM_STATES, 10) if logits is None else logits.detach().clone()
+
+    @staticmethod
+    def state_index(response_prefix: Sequence[int]) -> int:
+        if len(response_prefix) == 0:
+            return 0
+        if len(response_prefix) == 1:
+            return 1 + response_prefix[0]
+        return 11 + 10 * response_prefix[0] + response_prefix[1]
+
+    def base_distribution(self, response_prefix: Sequence[int]) -> list[float]:
+        if len(response_prefix) >= NUM_DIGITS:
+            return [0.0] * EOS_TOKEN + [1.0]
+        return torch.softmax(self.logits[self.state_index(response_prefix)].double(), dim=0).tolist() + [0.0]
+
+    def sampling_distribution(
+        self, response_prefix: Sequence[int], temperature: float, top_p: float = 1.0, top_k: int = -1
+    ) -> list[float]:
+        return apply_sampling(self.base_distribution(response_prefix), temperature, top_p, top_k)
+
+    def load_weights(self, name: str, tensor: torch.Tensor) -> None:
+        if name != "logits" or tuple(tensor.shape) != (self.NUM_STATES, 10):
+            raise KeyError(f"TabularDigitPolicy has only 'logits' {(self.NUM_STATES, 10)}, got {name!r}")
+        self.logits = tensor.detach().clone()
+
+
+def teacher_forced_logprobs(
+    logits: torch.Tensor, full_responses: Sequence[Sequence[int]], start: Sequence[int], temperature: float
+) -> torch.Tensor:
+    """(B, T) log-probabilities of tokens full_responses[b][start[b]:] under a tabular policy's
+    `logits` (111, 10) at `temperature` (the actor's view: no top-p), right-padded with 0.
+    Differentiable in `logits`; EOS after three digits has log-probability 0."""
+    width = max(len(r) - s for r, s in zip(full_responses, start))
+    rows = []
+    for response, first in zip(full_responses, start):
+        row = []
+        for t in range(first, len(response)):
+            if t >= NUM_DIGITS:
+                row.append(torch.zeros((), dtype=logits.dtype))
+            else:
+                state = TabularDigitPolicy.state_index(response[:t])
+                row.append(torch.log_softmax(logits[state] / temperature, dim=0)[response[t]])
+        row += [torch.zeros((), dtype=logits.dtype)] * (width - len(row))
+        rows.append(torch.stack(row))
+    return torch.stack(rows)
+
+
+def apply_sampling(base: Sequence[float], temperature: float, top_p: float = 1.0, top_k: int = -1) -> list[float]:
+    """The distribution an engine samples from: p^(1/T) renormalised, then top-k, then top-p
+    (the smallest most-likely set with mass >= top_p), renormalised; temperature 0 is greedy."""
+    if temperature == 0:
+        best = max(range(len(base)), key=lambda i: base[i])
+        return [1.0 if i == best else 0.0 for i in range(len(base))]
+    tempered = [p ** (1.0 / temperature) if p > 0 else 0.0 for p in base]
+    total = sum(tempered)
+    probs = [p / total for p in tempered]
+    order = sorted(range(len(base)), key=lambda i: -probs[i])
+    keep: set[int] = set()
+    mass = 0.0
+    for rank, token in enumerate(order):
+        if probs[token] == 0 or (top_k > 0 and rank >= top_k):
+            break
+        keep.add(token)
+        mass += probs[token]
+        if mass >= top_p - 1e-12:
+            break
+    kept_total = sum(probs[i] for i in keep)
+    return [probs[i] / kept_total if i in keep else 0.0 for i in range(len(base))]
 
 
 def exact_prefix_value(
-    policy: DigitPolicy,
+    policy: DigitPolicy | TabularDigitPolicy,
     response_prefix: Sequence[int],
     target: int,
     *,
@@ -168,7 +234,7 @@ class DigitTaskEngine(RolloutEngine):
     `calls` records the number of requests of every `generate` call, so tests can check batching.
     """
 
-    def __init__(self, policy: DigitPolicy, *, seed: int = 0):
+    def __init__(self, policy: DigitPolicy | TabularDigitPolicy, *, seed: int = 0):
         self.policy = policy
         self.rng = random.Random(seed)
         self.calls: list[int] = []
@@ -216,9 +282,7 @@ class DigitTaskEngine(RolloutEngine):
         return completions
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Accepts `first_digit_probs` (10,), the only scripted distribution with free weights."""
+        """Load the policy's weights (`DigitPolicy`: first_digit_probs; `TabularDigitPolicy`: logits)."""
         for name, tensor in named_tensors:
-            if name != "first_digit_probs" or tuple(tensor.shape) != (10,):
-                raise KeyError(f"DigitTaskEngine has only 'first_digit_probs' (10,), got {name!r}")
-            self.policy.first_digit_probs = [float(p) for p in tensor]
-            self._distributions.clear()
+            self.policy.load_weights(name, tensor)
+        self._distributions.clear()
