@@ -1,0 +1,419 @@
+"""Strict configuration: YAML and dotted command-line overrides into typed dataclass trees.
+
+Every subsystem describes its settings as a `@dataclass(kw_only=True)` with a docstring under each
+field; the top-level config composes them. This module turns user input into such a tree and
+refuses anything it does not understand, so a typo never silently falls back to a default:
+
+- an unknown key is an error naming the dotted key and listing the valid ones;
+- a value of the wrong type is an error naming the key, the expected type and the value;
+- a field without a default that is absent is an error naming the key;
+- a `__post_init__` check that fails (ValueError / UserError) is reported with the dotted path of
+  the section it belongs to.
+
+Overrides use the syntax `section.sub.key=value` (e.g. `trainer.spo.rho.d_half=0.08`); the value
+is parsed as a YAML scalar or flow collection, so `n=8`, `lr=1e-6`, `files=[a.jsonl, b.jsonl]`,
+`tag=null` and `wandb=true` all mean what they look like. The module is generic: it knows nothing
+about the trainer and works for any dataclass tree.
+
+Accepted conversions, and only these: int -> float (YAML writes `1` for one), a string that
+spells a float -> float (PyYAML reads `1e-6` without a dot as a string, a YAML 1.1 quirk),
+str -> pathlib.Path, list -> tuple. Booleans are never numbers and numbers never strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from megatron_spo.errors import UserError
+
+T = TypeVar("T")
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- type helpers
+
+
+def _type_name(tp: Any) -> str:
+    """A readable name for an annotation, for error messages (`float`, `int | None`, ...)."""
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = typing.get_args(tp)
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved field annotations of a dataclass (works with `from __future__ import annotations`)."""
+    return typing.get_type_hints(cls)
+
+
+class _Mismatch(Exception):
+    """Internal: a value does not fit an annotation (turned into a UserError by the caller)."""
+
+
+def _convert(value: Any, tp: Any, path: str, where: str) -> Any:
+    """Return `value` converted to annotation `tp`, or raise UserError naming `path`."""
+    try:
+        return _convert_or_mismatch(value, tp, path, where)
+    except _Mismatch:
+        raise UserError(
+            f"{where}: key '{path}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _convert_or_mismatch(value: Any, tp: Any, path: str, where: str) -> Any:
+    if tp is Any or tp is object:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _Mismatch
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:
+            # `X | None`: convert as X, so a problem deep inside X keeps its precise message
+            return _convert_or_mismatch(value, arms[0], path, where)
+        # First arm that accepts the value wins; arms are tried in the order written.
+        for arm in arms:
+            try:
+                return _convert_or_mismatch(value, arm, path, where)
+            except (_Mismatch, UserError):
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        # bool is an int subclass: `True` must not match a Literal[1]
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return from_dict(tp, value, path=path, where=where)
+        raise _Mismatch
+    if origin in (list, Sequence) or tp is list:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        item_tp = args[0] if args else Any
+        return [_convert(v, item_tp, _join(path, i), where) for i, v in enumerate(value)]
+    if origin is tuple or tp is tuple:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if not args:
+            return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], _join(path, i), where) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_convert(v, a, _join(path, i), where) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        key_tp, val_tp = args if args else (Any, Any)
+        return {
+            _convert(k, key_tp, _join(path, str(k)), where): _convert(v, val_tp, _join(path, str(k)), where)
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise _Mismatch
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        for member in tp:
+            if member.value == value:
+                return member
+        raise _Mismatch
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch
+    raise TypeError(f"config annotation {tp!r} at '{path}' is not supported by megatron_spo.config")
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "", where: str = "config") -> T:
+    """Build dataclass `cls` from a nested mapping, strictly.
+
+    `path` is the dotted location of `cls` inside the whole config (for messages); `where` names
+    the input (a file name, "command line", ...).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise UserError(f"{where}: '{path or '<top level>'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = _join(path, str(unknown[0]))
+        raise UserError(
+            f"{where}: unknown key '{key}'; valid keys under '{path or '<top level>'}': "
+            + ", ".join(sorted(fields))
+        )
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        key = _join(path, name)
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key, where)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise UserError(f"{where}: missing required key '{key}' ({_type_name(hints[name])})")
+    try:
+        return cls(**kwargs)
+    except UserError as err:
+        raise UserError(f"{where}: invalid '{path or '<top level>'}': {err}") from None
+    except ValueError as err:
+        raise UserError(f"{where}: invalid '{path or '<top level>'}': {err}") from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping from `path` (an empty file is an empty mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"command-line override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise UserError(f"command-line override {text!r}: the value is not valid YAML") from None
+    return key.split("."), value
+
+
+def _check_override_path(cls: type, parts: list[str], text: str) -> None:
+    """Refuse an override whose dotted key does not exist in the dataclass tree `cls`."""
+    current: Any = cls
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(current):
+            origin = typing.get_origin(current)
+            if current in (dict, Mapping, Any) or origin in (dict, Mapping):
+                return  # free-form mapping: any key below it is the owner's business
+            parent = ".".join(parts[:depth])
+            raise UserError(f"command-line override {text!r}: '{parent}' is a value, not a section")
+        fields = {f.name for f in dataclasses.fields(current) if f.init}
+        if part not in fields:
+            section = ".".join(parts[:depth]) or "<top level>"
+            key = ".".join(parts[: depth + 1])
+            raise UserError(
+                f"command-line override {text!r}: unknown key '{key}'; "
+                f"valid keys under '{section}': {', '.join(sorted(fields))}"
+            )
+        current = _strip_optional(_hints(current)[part])
+
+
+def _strip_optional(tp: Any) -> Any:
+    """`X | None` -> X, so an override can reach into an optional section."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(arms) == 1:
+            return arms[0]
+    return tp
+
+
+def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of raw config `data` with each `a.b.c=value` override set in it."""
+    result = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _check_override_path(cls, parts, text)
+        node = result
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                # absent (or null, e.g. an optional section) in the file: create it
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Build `cls` from an optional YAML file plus dotted overrides (applied in order, last wins)."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(cls, data, overrides)
+    where = f"config {str(path)!r}" if path is not None else "config"
+    if overrides:
+        where += " (with command-line overrides)"
+    return from_dict(cls, data, where=where)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def to_dict(config: Any) -> Any:
+    """Plain-data view of a dataclass tree (paths as strings, tuples as lists): YAML/JSON-ready."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        return {str(k): to_dict(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    if isinstance(config, enum.Enum):
+        return config.value
+    return config
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_config(config: Any, path: str | os.PathLike) -> Path:
+    """Write the effective config as YAML (atomically); loading it back gives an equal config."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+    write_text_atomic(path, text)
+    return Path(path)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body (empty if none).
+
+    Inherited fields take their docstring from the class that declares them.
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = getattr(ast.parse(source).body[0], "body", [])
+        for node, following in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(following.value.value)
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf field, `dotted.key (type) = default  # doc`, for `--help` output."""
+    lines: list[str] = []
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        key = _join(prefix, field.name)
+        tp = hints[field.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, key))
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = repr(to_dict(field.default))
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(to_dict(field.default_factory()))
+        else:
+            default = "(required)"
+        doc = docs.get(field.name, "").split("\n")[0]
+        lines.append(f"{key} ({_type_name(tp)}) = {default}" + (f"  # {doc}" if doc else ""))
+    return lines

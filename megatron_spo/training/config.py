@@ -1,0 +1,431 @@
+"""`TrainConfig`: everything `megatron-spo train` reads, one dataclass per subsystem.
+
+Loaded strictly from YAML plus dotted overrides by `megatron_spo.config.load_config` (unknown keys
+and wrong types are errors); `load_train_config` is the entry the CLI uses. The effective config
+is saved beside every run (`save_config`).
+
+Defaults are the SPO authors' (arXiv 2509.13232; their verl recipe `recipe/spo`, run script
+`run_spo.sh`, summarised in DESIGN.md) for a Qwen3-8B math run: PPO clip 0.2 / 0.28 with dual
+clip 10, token-mean loss, no KL, lr 1e-6, 768 prompts per step (one response each, mini-batches
+of 96), responses up to 16k tokens, training sampling at temperature 1, validation at
+temperature 0.6 / top-p 0.95 / top-k 20 with 16 samples per prompt. Subsystems that own their
+config (value store, prompt building, rewards, weight sync, sandbox, the segment / soft SPO
+variants) are composed here, not copied, so each default lives in exactly one place.
+
+Layout (every leaf is settable as `section.key=value` on the command line):
+
+    run_dir, seed, total_steps, total_epochs
+    model:      hf_dir, dtype
+    parallel:   tp, pp, vpp
+    data:       train_files, val_files, prompt_key, answer_key, shuffle, prompt.*
+    algorithm:  name (spo | grpo | spo_chain | spo_tree | soft_spo), advantage eps,
+                spo_chain.*, spo_tree.*, soft_spo.*
+    rollout:    engine, n, temperature, top_p, top_k, max_response_tokens, agent loop,
+                engine knobs, reward.*, weight_sync.*, sandbox.*
+    loss:       clip_ratio_low/high/c, loss_agg, kl_coef, kl_estimator, entropy_coef
+    optimizer:  lr, weight_decay, betas, eps, grad_clip, warmup_steps, schedule, min_lr_ratio
+    batch:      train_batch_size, gen_batch_size, mini_batch_size, micro_batch_size,
+                max_tokens_per_micro_batch, epochs
+    spo:        the value store (megatron_spo.value.ValueConfig) + offline_values file
+    checkpoint: dir, every_steps, keep_last, resume, export_hf
+    eval:       every_steps, before_train, files, n, temperature, top_p, top_k, ks
+    logging:    metrics_jsonl, tensorboard, wandb, wandb_project, progress_bar
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Sequence
+
+from megatron_spo.config import load_config
+from megatron_spo.errors import UserError
+from megatron_spo.rollout.prompts import PromptConfig
+from megatron_spo.rollout.rewards import RewardConfig
+from megatron_spo.rollout.sandbox import SandboxConfig
+from megatron_spo.rollout.weight_sync import WeightSyncConfig
+from megatron_spo.training.algorithms.segment_chain import SegmentChainConfig
+from megatron_spo.training.algorithms.segment_tree import SegmentTreeConfig
+from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig
+from megatron_spo.value.config import ValueConfig
+
+Algorithm = Literal["spo", "grpo", "spo_chain", "spo_tree", "soft_spo"]
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _check_files(key: str, files: Sequence[str]) -> None:
+    for f in files:
+        path = Path(f)
+        if path.suffix not in DATA_SUFFIXES:
+            raise UserError(f"{key}: {f!r} is not a {' / '.join(DATA_SUFFIXES)} file")
+        if not path.is_file():
+            raise UserError(f"{key}: dataset file {f!r} does not exist")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    hf_dir: str
+    """Hugging Face model directory (config.json, safetensors weights, tokenizer) to start from.
+    Llama, Qwen2 and Qwen3 architectures are supported."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Parameter/compute dtype of the actor. "auto": bfloat16 on GPU (the authors' setting),
+    float32 on CPU (so CPU runs are exactly reproducible)."""
+
+    def __post_init__(self):
+        if not (Path(self.hf_dir) / "config.json").is_file():
+            raise UserError(f"model.hf_dir: {self.hf_dir!r} is not a Hugging Face model directory (no config.json)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (ranks sharing each layer). Must divide the attention heads."""
+    pp: int = 1
+    """Pipeline-parallel size (stages). tp * pp must divide the world size; the rest is DP."""
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (interleaved schedule); None = not interleaved."""
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
+        if self.vpp is not None and (self.vpp < 1 or (self.vpp > 1 and self.pp == 1)):
+            raise ValueError(f"vpp={self.vpp} needs pp > 1 (and vpp >= 1)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    train_files: list[str]
+    """Training prompts: .jsonl / .json / .parquet files, one record per prompt."""
+    val_files: list[str] = dataclasses.field(default_factory=list)
+    """Held-out prompts for periodic evaluation (same format); empty = no evaluation."""
+    prompt_key: str = "prompt"
+    """Record field holding the prompt (a string or a list of chat messages)."""
+    answer_key: str = "answer"
+    """Record field holding the ground-truth answer the reward compares against."""
+    shuffle: bool = True
+    """Shuffle the training prompts each epoch (seeded by `seed`); the value store's pool is
+    the next `batch.gen_batch_size` prompts of this order."""
+    prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    """How prompts become token ids: answer-format suffix, chat template, length limit
+    (`max_prompt_tokens`, the authors' 2048) and what happens to longer ones."""
+
+    def __post_init__(self):
+        if not self.train_files:
+            raise ValueError("train_files must name at least one dataset file")
+        _check_files("data.train_files", self.train_files)
+        _check_files("data.val_files", self.val_files)
+
+
+@dataclasses.dataclass(kw_only=True)
+class AlgorithmConfig:
+    name: Algorithm = "spo"
+    """spo: Single-stream SPO (one response per prompt, value-tracker baseline);
+    grpo: group baseline over rollout.n responses; spo_chain / spo_tree: Segment Policy
+    Optimization; soft_spo: Soft Policy Optimization."""
+    normalize_advantages: bool = True
+    """spo: normalise r - p_hat over the batch of sequences (the authors do)."""
+    spo_advantage_eps: float = 1e-8
+    """spo: added to the batch std in the normalisation (the authors' value)."""
+    grpo_eps: float = 1e-6
+    """grpo: added to the group std (verl's value)."""
+    grpo_norm_by_std: bool = True
+    """grpo: divide by the group std; False = mean-centred only (Dr. GRPO)."""
+    spo_chain: SegmentChainConfig = dataclasses.field(default_factory=SegmentChainConfig)
+    """Segment Policy Optimization, chain variant (seed 003)."""
+    spo_tree: SegmentTreeConfig = dataclasses.field(default_factory=SegmentTreeConfig)
+    """Segment Policy Optimization, tree variant (seed 003)."""
+    soft_spo: SoftSPOConfig = dataclasses.field(default_factory=SoftSPOConfig)
+    """Soft Policy Optimization (seed 004)."""
+
+    def __post_init__(self):
+        if self.spo_advantage_eps <= 0 or self.grpo_eps <= 0:
+            raise ValueError("advantage eps values must be > 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """Rollout engine: `hf` (transformers; CPU default) or `vllm`."""
+    n: int | None = None
+    """Responses per prompt. None = the algorithm's: 1 for spo (single stream), 8 for grpo (the
+    authors' GRPO baseline), 1 for the others. Resolved when the config is built."""
+    temperature: float = 1.0
+    """Training sampling temperature (the authors' / verl default: sample the policy itself)."""
+    top_p: float = 1.0
+    """Training nucleus mass; 1.0 = off (on-policy sampling)."""
+    top_k: int = -1
+    """Training top-k; -1 = off."""
+    max_response_tokens: int = 16384
+    """New tokens per response at most (the authors' 16k for Qwen3-8B)."""
+    agent: Literal["single_turn", "tool"] = "single_turn"
+    """single_turn: one completion per prompt; tool: the ReTool-style code-interpreter loop."""
+    max_assistant_turns: int = 8
+    """tool agent: assistant turns per trajectory at most (the authors' 8)."""
+    max_tool_response_tokens: int = 256
+    """tool agent: interpreter output is truncated to this many tokens (the authors' 256)."""
+    dtype: str = "float32"
+    """Engine weights' dtype (see rollout.engine.EngineConfig.dtype)."""
+    max_model_len: int | None = None
+    """Prompt + response tokens the engine holds at most (see EngineConfig.max_model_len);
+    None = the model's max_position_embeddings."""
+    max_num_seqs: int = 256
+    """Sequences decoded at once (see EngineConfig.max_num_seqs)."""
+    tensor_parallel_size: int = 1
+    """vllm: rollout TP (see EngineConfig.tensor_parallel_size)."""
+    kv_cache_gib: int = 1
+    """vllm on CPU: KV-cache GiB (see EngineConfig.kv_cache_gib)."""
+    gpu_memory_utilization: float = 0.5
+    """vllm on GPU: memory share (see EngineConfig.gpu_memory_utilization)."""
+    enable_sleep_mode: bool = False
+    """vllm on GPU: free engine memory while the actor trains (see EngineConfig)."""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """How responses are scored (math grader by default)."""
+    weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
+    """Actor -> engine weight transfer."""
+    sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
+    """Code execution for the tool agent."""
+
+    def __post_init__(self):
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_response_tokens < 1 or self.max_assistant_turns < 1 or self.max_tool_response_tokens < 1:
+            raise ValueError("max_response_tokens, max_assistant_turns and max_tool_response_tokens must be >= 1")
+
+    def engine_config(self, model_dir: str, *, seed: int = 0, load_weights: bool = True):
+        """The `rollout.engine.EngineConfig` for this section (the model comes from model.hf_dir)."""
+        from megatron_spo.rollout.engine import EngineConfig
+
+        return EngineConfig(
+            model=model_dir, name=self.engine, dtype=self.dtype, seed=seed, load_weights=load_weights,
+            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, tensor_parallel_size=self.tensor_parallel_size,
+            kv_cache_gib=self.kv_cache_gib, gpu_memory_utilization=self.gpu_memory_utilization,
+            enable_sleep_mode=self.enable_sleep_mode,
+        )
+
+
+@dataclasses.dataclass(kw_only=True)
+class PolicyLossConfig:
+    clip_ratio_low: float = 0.2
+    """PPO clip below 1: ratio floor 1 - 0.2 on positive advantages (the authors')."""
+    clip_ratio_high: float = 0.28
+    """PPO clip above 1: ratio ceiling 1 + 0.28 (clip-higher, DAPO; the authors')."""
+    clip_ratio_c: float = 10.0
+    """Dual clip: loss bounded by -A * 10 where A < 0 (the authors' / verl's)."""
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
+    """Token-mean weighs every response token equally (the authors'); seq-mean every sequence."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the frozen initial policy; 0 = off and no reference model
+    is kept (the authors' setting)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator when kl_coef > 0 (k3 = verl's low_var_kl)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0 = off, the authors' setting)."""
+
+    def __post_init__(self):
+        if not 0 <= self.clip_ratio_low < 1 or self.clip_ratio_high < 0:
+            raise ValueError(f"need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0, got {self.clip_ratio_low}, {self.clip_ratio_high}")
+        if self.clip_ratio_c <= 1:
+            raise ValueError(f"clip_ratio_c must be > 1, got {self.clip_ratio_c}")
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ValueError("kl_coef and entropy_coef must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 1e-6
+    """Peak learning rate (the authors' actor lr)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (verl's actor default)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment decay rates (torch / verl defaults)."""
+    eps: float = 1e-8
+    """Adam denominator epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (verl's default); 0 = no clipping."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps (the authors use none)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Decay after warmup, over the run's optimizer steps (the authors': constant)."""
+    min_lr_ratio: float = 0.0
+    """cosine / linear: the final lr as a fraction of lr."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0 or self.eps <= 0:
+            raise ValueError("weight_decay, grad_clip and warmup_steps must be >= 0 and eps > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class BatchConfig:
+    train_batch_size: int = 768
+    """Prompts per training step (the DESIGN reference run: 768 prompts x 1 response for SPO;
+    the GRPO baseline uses 96 prompts x 8)."""
+    gen_batch_size: int = 14000
+    """SPO sampling pool: each step draws train_batch_size prompts, weighted by the value
+    tracker, from the next gen_batch_size prompts of the shuffled dataset (the authors' 14000)."""
+    mini_batch_size: int = 96
+    """Prompts per optimizer step (the authors' 96 for SPO, i.e. 8 updates per step); with
+    rollout.n > 1 a mini-batch holds mini_batch_size * n sequences (verl semantics)."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward when max_tokens_per_micro_batch is None."""
+    max_tokens_per_micro_batch: int | None = 18432
+    """Dynamic batching: pack sequences into micro-batches of at most this many tokens (the
+    authors' prompt 2048 + response 16384); None = fixed micro_batch_size."""
+    epochs: int = 1
+    """Passes over each step's rollout batch (PPO epochs; the authors' 1)."""
+
+    def __post_init__(self):
+        for name in ("train_batch_size", "gen_batch_size", "mini_batch_size", "micro_batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size ({self.mini_batch_size}) must divide train_batch_size ({self.train_batch_size})"
+            )
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError("max_tokens_per_micro_batch must be >= 1 or null")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SPOConfig(ValueConfig):
+    """The value store's settings (megatron_spo.value.ValueConfig) plus where its priors come from."""
+
+    offline_values: str | None = None
+    """offline_values.json ({prompt: [scores...]}) from `megatron-spo values estimate/merge`;
+    None = every prompt starts at Beta(0.5, 0.5)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.offline_values is not None and not Path(self.offline_values).is_file():
+            raise UserError(f"spo.offline_values: file {self.offline_values!r} does not exist")
+
+
+@dataclasses.dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str | None = None
+    """Where training checkpoints go; None = RUN_DIR/checkpoints."""
+    every_steps: int = 20
+    """Save every this many steps (the authors' save_freq); 0 = only at the end."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted after a newer one is complete)."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the latest complete checkpoint in `dir` if there is one."""
+    export_hf: bool = True
+    """Write the final policy as a Hugging Face model to RUN_DIR/hf at the end."""
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ValueError(f"need every_steps >= 0 and keep_last >= 1, got {self.every_steps}, {self.keep_last}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    every_steps: int = 20
+    """Evaluate every this many steps (the authors' test_freq); 0 = only at the end."""
+    before_train: bool = False
+    """Also evaluate before the first step (the authors: off)."""
+    files: list[str] = dataclasses.field(default_factory=list)
+    """Evaluation sets; empty = data.val_files. Each file is reported separately."""
+    n: int = 16
+    """Samples per prompt: accuracy is avg@n, and pass@k / maj@k use them (the authors' 16;
+    the paper reports maj@32 with n = 32)."""
+    temperature: float = 0.6
+    """Evaluation sampling temperature (the authors')."""
+    top_p: float = 0.95
+    """Evaluation nucleus mass (the authors')."""
+    top_k: int = 20
+    """Evaluation top-k (the authors')."""
+    max_response_tokens: int | None = None
+    """None = rollout.max_response_tokens."""
+    ks: list[int] | None = None
+    """k values for pass@k and maj@k; None = 1, 2, 4, ..., n."""
+
+    def __post_init__(self):
+        _check_files("eval.files", self.files)
+        if self.n < 1 or self.every_steps < 0:
+            raise ValueError(f"need n >= 1 and every_steps >= 0, got {self.n}, {self.every_steps}")
+        if self.ks is not None and any(not 1 <= k <= self.n for k in self.ks):
+            raise ValueError(f"every k in ks must be within 1..n={self.n}, got {self.ks}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoggingConfig:
+    metrics_jsonl: bool = True
+    """Append one JSON object per step to RUN_DIR/metrics.jsonl."""
+    tensorboard: bool = True
+    """Write TensorBoard events to RUN_DIR/tensorboard (skipped with a notice if tensorboard is
+    not installed: `pip install megatron-spo[observe]`)."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs `wandb` installed and a login)."""
+    wandb_project: str = "megatron-spo"
+    """W&B project."""
+    wandb_run_name: str | None = None
+    """W&B run name; None = the run directory's name."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig
+    """The policy to start from."""
+    data: DataConfig
+    """Training and validation prompts."""
+    run_dir: str = "runs/default"
+    """Output directory: effective config, metrics, TensorBoard events, checkpoints, export."""
+    seed: int = 0
+    """Seed of everything random (data order, sampling, dropout-free init of new parts)."""
+    total_steps: int | None = None
+    """Training steps; None = total_epochs passes over the training prompts."""
+    total_epochs: int = 500
+    """Passes over the data when total_steps is None (the authors' 500: run until stopped)."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    spo: SPOConfig = dataclasses.field(default_factory=SPOConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1 or null, got {self.total_steps}")
+        if self.total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {self.total_epochs}")
+        name = self.algorithm.name
+        if self.rollout.n is None:  # resolve, so the saved effective config states it
+            self.rollout.n = 8 if name == "grpo" else 1
+        if name == "spo" and self.rollout.n != 1:
+            raise UserError(f"rollout.n={self.rollout.n}: algorithm 'spo' is single-stream (one response per prompt); use n=1 or algorithm.name=grpo")
+        if name == "grpo" and self.rollout.n < 2:
+            raise UserError(f"rollout.n={self.rollout.n}: algorithm 'grpo' needs at least 2 responses per prompt for a group baseline")
+        if name == "spo" and self.batch.gen_batch_size < self.batch.train_batch_size:
+            raise UserError(
+                f"batch.gen_batch_size ({self.batch.gen_batch_size}) must be >= batch.train_batch_size "
+                f"({self.batch.train_batch_size}): the batch is drawn from that pool"
+            )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir is not None else Path(self.run_dir) / "checkpoints"
+
+    @property
+    def eval_files(self) -> list[str]:
+        return list(self.eval.files) or list(self.data.val_files)
+
+
+def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """`megatron-spo train --config PATH key=value ...` -> TrainConfig (UserError on any problem)."""
+    return load_config(TrainConfig, path, overrides)
