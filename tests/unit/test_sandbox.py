@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -404,3 +407,57 @@ def test_sandbox_fusion_unreachable_is_a_result_not_a_crash():
     result = run_python("print(1)", timeout_s=1, config=config)
     assert result.exit_code is None
     assert "sandbox_fusion request" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# an unprivileged caller: root of a user namespace with no capabilities instead of a uid drop
+
+_UNPRIVILEGED_PROBE = r"""
+import json, os, sys
+from megatron_spo.rollout.sandbox import SandboxConfig, run_python
+secret = sys.argv[1]
+code = (
+    "import os\n"
+    "caps = open('/proc/self/status').read().split('CapBnd:')[1].split()[0]\n"
+    "try:\n"
+    "    os.chroot('/tmp'); chroot = 'allowed'\n"
+    "except OSError:\n"
+    "    chroot = 'blocked'\n"
+    "try:\n"
+    f"    open({secret!r}).read(); read = 'allowed'\n"
+    "except OSError:\n"
+    "    read = 'blocked'\n"
+    "print(caps, chroot, read)\n"
+)
+result = run_python(code, timeout_s=20, config=SandboxConfig(isolation="namespaces"))
+print(json.dumps({"caller_uid": os.geteuid(), "isolation": result.isolation, "stdout": result.stdout,
+                  "stderr": result.stderr}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root (to become an unprivileged user), setpriv and a system python3")
+def test_unprivileged_caller_gets_a_capability_free_user_namespace():
+    repo = Path(__file__).resolve().parents[2]
+    if any(not (os.stat(p).st_mode & 0o005) for p in (repo, repo / "megatron_spo")):
+        pytest.skip("the checkout is not readable by other users")
+    planted = Path(tempfile.mkdtemp(prefix="spo-planted-"))
+    try:
+        os.chmod(planted, 0o755)
+        (planted / "secret.txt").write_text("PLANTED")
+        os.chmod(planted / "secret.txt", 0o644)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+             _UNPRIVILEGED_PROBE, str(planted / "secret.txt")],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=120,
+            cwd="/",
+        )
+    finally:
+        shutil.rmtree(planted)
+    if proc.returncode != 0:
+        pytest.skip(f"system python3 cannot run the sandbox module: {proc.stderr[-300:]}")
+    report = json.loads(proc.stdout.splitlines()[-1])
+    if report["isolation"] != "namespaces":
+        pytest.skip("unprivileged user namespaces are disabled on this machine")
+    assert report["caller_uid"] == 65534
+    assert report["stdout"].split() == ["0000000000000000", "blocked", "blocked"], report
