@@ -5,8 +5,9 @@ prompt's ground truth and writes one record per response to `OUTPUT_DIR/validati
 the layout of the authors' verl pipeline (seed 000) that `megatron-spo values merge` reads:
 
     {"input": <prompt as the model saw it, special tokens dropped>, "output": <response text>,
-     "score": <float>, "ground_truth": ..., "data_source": ..., "prompt": <raw user prompt>,
-     "prompt_index": i, "sample_index": j, "finish_reason": "stop" | "length", "step": 0}
+     "score": <float>, "pred": <extracted answer>, "ground_truth": ..., "data_source": ...,
+     "prompt": <raw user prompt>, "prompt_index": i, "sample_index": j,
+     "finish_reason": "stop" | "length", "step": 0}
 
 Sampling defaults are the authors' (temperature 0.6, top_p 0.95, top_k 20, n 8). Response j of
 prompt i is sampled with seed `seed + i * n + j`, so with the `hf` engine the file is the same
@@ -17,8 +18,8 @@ writes the file; with `--engine vllm --tensor-parallel-size WORLD` every rank ru
 sharded engine on all prompts instead. Prompts over the length limit are skipped and counted (or
 truncated, `--overlong truncate`); the counts go to `OUTPUT_DIR/estimate_summary.json`.
 
-Scoring: the rewards module's math grader when it is installed (`megatron_spo.rollout.rewards`),
-else an exact match of the last `\\boxed{...}` answer against the ground truth.
+Scoring: the configured reward function (`megatron_spo.rollout.rewards`, the authors' binary
+math reward by default) in a `ScoringPool` (worker processes with a per-response time limit).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.engine import EngineConfig, make_engine
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts, to_messages
+from megatron_spo.rollout.rewards import RewardConfig
+from megatron_spo.rollout.scoring import ScoringPool
 from megatron_spo.rollout.types import GenerationRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class EstimateConfig:
     """Run directory; results go to OUTPUT_DIR/validation_data/0.jsonl."""
     engine: EngineConfig
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     n: int = 8
     """Responses per prompt; the authors merge 8 scores per prompt (offline_n)."""
     temperature: float = 0.6
@@ -139,49 +143,6 @@ def _pick_key(records: list[dict[str, Any]], explicit: str | None, candidates: t
     )
 
 
-# ----------------------------------------------------------------------------- scoring
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` in `text` (braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    if start == -1:
-        return None
-    depth = 0
-    begin = start + len("\\boxed{")
-    for i in range(begin, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            if depth == 0:
-                return text[begin:i]
-            depth -= 1
-    return None
-
-
-def boxed_exact_match(response: str, ground_truth: Any) -> float:
-    """1.0 when the last boxed answer equals the ground truth (whitespace-stripped), else 0.0."""
-    answer = last_boxed(response)
-    return float(answer is not None and answer.strip() == str(ground_truth).strip())
-
-
-def default_scorer() -> tuple[Callable[[str, Any], float], str]:
-    """The rewards module's math grader if present, else the boxed exact match."""
-    try:
-        from megatron_spo.rollout import rewards  # noqa: F401  (the rewards issue's module)
-    except ImportError:
-        return boxed_exact_match, "boxed_exact_match"
-    score_fn = getattr(rewards, "math_score", None)
-    if score_fn is None:
-        return boxed_exact_match, "boxed_exact_match"
-
-    def score(response: str, ground_truth: Any) -> float:
-        result = score_fn(response, str(ground_truth))
-        return float(getattr(result, "score", result))
-
-    return score, "rewards.math_score"
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -250,7 +211,8 @@ def run(config: EstimateConfig) -> dict[str, Any]:
     # one engine per rank: split the prompts; one engine sharded over all ranks: all prompts
     sharded_engine = config.engine.name == "vllm" and config.engine.tensor_parallel_size > 1
     my_jobs = jobs if sharded_engine else jobs[rank::world]
-    score, scorer_name = default_scorer()
+    pool = ScoringPool(config.reward)
+    reward_failures = 0
 
     my_records = []
     for start in range(0, len(my_jobs), config.prompts_per_call):
@@ -269,34 +231,42 @@ def run(config: EstimateConfig) -> dict[str, Any]:
             )
             for job in chunk
         ]
-        for job, result in zip(chunk, engine.generate(requests)):
-            for j, completion in enumerate(result.completions):
-                text = completion.text or ""
-                my_records.append(
-                    {
-                        "input": job.prompt_text,
-                        "output": text,
-                        "score": score(text, job.ground_truth),
-                        "ground_truth": job.ground_truth,
-                        "data_source": job.data_source,
-                        "prompt": job.raw_prompt,
-                        "prompt_index": job.index,
-                        "sample_index": j,
-                        "finish_reason": completion.finish_reason,
-                        "step": 0,
-                    }
-                )
+        samples = [
+            (job, j, completion)
+            for job, result in zip(chunk, engine.generate(requests))
+            for j, completion in enumerate(result.completions)
+        ]
+        scored = pool.score([c.text or "" for _, _, c in samples], [str(job.ground_truth) for job, _, _ in samples])
+        reward_failures += len(scored.failure_messages)
+        for (job, j, completion), score, pred in zip(samples, scored.scores, scored.predictions):
+            my_records.append(
+                {
+                    "input": job.prompt_text,
+                    "output": completion.text or "",
+                    "score": score,
+                    "pred": pred,
+                    "ground_truth": job.ground_truth,
+                    "data_source": job.data_source,
+                    "prompt": job.raw_prompt,
+                    "prompt_index": job.index,
+                    "sample_index": j,
+                    "finish_reason": completion.finish_reason,
+                    "step": 0,
+                }
+            )
         logger.info("rank %d: %d / %d prompts done", rank, start + len(chunk), len(my_jobs))
     engine.shutdown()
+    pool.close()
 
     all_records = my_records
     if world > 1:
         import torch.distributed as dist
 
         gathered = [None] * world if rank == 0 else None
-        dist.gather_object(my_records, gathered, dst=0)
-        if rank == 0:
-            all_records = my_records if sharded_engine else [r for part in gathered for r in part]
+        dist.gather_object((my_records, reward_failures), gathered, dst=0)
+        if rank == 0 and not sharded_engine:
+            all_records = [r for part, _ in gathered for r in part]
+            reward_failures = sum(failures for _, failures in gathered)
     if rank != 0:
         return {}
     all_records.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
@@ -308,7 +278,8 @@ def run(config: EstimateConfig) -> dict[str, Any]:
         "model": str(config.engine.model),
         "engine": config.engine.name,
         "ranks": world,
-        "scorer": scorer_name,
+        "reward_function": config.reward.function,
+        "reward_failures": reward_failures,
         "prompts_in_file": len(records),
         "prompts_estimated": len(jobs),
         "prompts_skipped_overlong": len(batch.skipped),
@@ -347,6 +318,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in dataclasses.fields(EstimateConfig) if f.default is not dataclasses.MISSING}
     prompt_defaults = PromptConfig()
+    reward_defaults = RewardConfig()
     parser = argparse.ArgumentParser(
         prog="megatron-spo values estimate",
         description=(
@@ -381,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-key", default=None,
                         help="record field of the ground truth, dots reach into dicts "
                              "(default: reward_model.ground_truth|ground_truth|answer|solution)")
+    parser.add_argument("--reward-function", default=reward_defaults.function,
+                        help="reward as package.module:function (default %(default)s)")
+    parser.add_argument("--reward-pool", choices=("process", "ray", "inline"), default=reward_defaults.pool,
+                        help="where responses are scored (default %(default)s)")
+    parser.add_argument("--thinking", action="store_true",
+                        help="responses think first: exactly one </think> required, answer read after it")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="default %(default)s")
     parser.add_argument("--dtype", default="float32", help="engine weights dtype (default %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once (default %(default)s)")
@@ -408,6 +386,7 @@ def main(argv: list[str]) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             overlong=args.overlong,
         ),
+        reward=RewardConfig(function=args.reward_function, pool=args.reward_pool, thinking=args.thinking),
         n=args.n,
         temperature=args.temperature,
         top_p=args.top_p,
