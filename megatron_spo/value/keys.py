@@ -38,5 +38,5 @@ def prompt_key(text: str) -> int:
 def prompt_keys(texts: Iterable[str]) -> np.ndarray:
     """int64 keys of many prompt texts, shape (len(texts),); same values as `prompt_key`."""
     # one bytes join + one frombuffer instead of a Python int per prompt
-    joined = b"".join(_digest(text) for text in texts)
+    joined = b"".join(map(_digest, texts))
     return np.frombuffer(joined, dtype=KEY_DTYPE).astype(np.int64)

@@ -95,6 +95,10 @@ def test_offline_file_errors_name_file_line_and_key(tmp_path):
     text.write_text('{"a": ["yes"]}')
     with pytest.raises(UserError, match="score 'yes'"):
         ValueStore.from_offline_values(text, ValueConfig())
+    with pytest.raises(UserError, match="prompt 'b': scores must be a list of numbers, got int"):
+        ValueStore.from_offline_values({"a": [1], "b": 1}, ValueConfig())
+    with pytest.raises(UserError, match="prompt 'b': score True is not a finite number"):
+        ValueStore.from_offline_values({"a": [1], "b": [0, True]}, ValueConfig())
     empty = tmp_path / "empty.json"
     empty.write_text("{}")
     with pytest.raises(UserError, match="empty offline values file"):
@@ -195,9 +199,13 @@ def test_stored_responses_replace_and_compact():
     assert table.used <= 2 * table.live + 65536  # stale tokens were dropped
 
 
-def test_memory_is_28_bytes_per_prompt_without_responses():
-    store = ValueStore.from_keys(np.arange(1000), ValueConfig())
-    assert store.local_nbytes == 28 * 1000
+def test_memory_per_prompt_without_responses_is_under_32_bytes():
+    keys = prompt_keys([f"prompt {i}" for i in range(4096)])
+    store = ValueStore.from_keys(keys, ValueConfig())
+    # key 8 + alpha 8 + beta 8 + response slot 4, plus the key index's bucket directory
+    assert 28 * 4096 < store.local_nbytes < 29 * 4096
+    store.store_responses(keys[:10], [[1, 2]] * 10, [[-0.5, -0.5]] * 10)
+    assert store.local_nbytes < 29 * 4096  # stored responses live outside the per-prompt arrays
 
 
 def test_save_load_round_trip_is_bit_identical(tmp_path):
@@ -228,3 +236,19 @@ def test_incomplete_checkpoints_are_refused(tmp_path):
     state["dp_size"], state["dp_rank"] = 2, 1
     with pytest.raises(UserError, match="got shards \\[1\\] of DP sizes \\[2\\]"):
         store.load_state_dict(state)
+
+
+def test_key_lookup_agrees_with_searchsorted_at_the_int64_extremes():
+    rng = np.random.default_rng(0)
+    extremes = np.array([-(2**63), 2**63 - 1, 0, -1], dtype=np.int64)
+    keys = np.unique(np.concatenate([rng.integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64), extremes]))
+    store = ValueStore.from_keys(keys, ValueConfig(missing="skip"))
+    store.update(keys[::2], np.ones(keys.size // 2 + keys.size % 2), 0.5)  # even positions: alpha 1.25
+    absent = rng.integers(-(2**63), 2**63 - 1, 5000, dtype=np.int64)
+    absent = absent[~np.isin(absent, keys)]
+    queries = np.concatenate([extremes, rng.permutation(keys), absent])
+    weights = store.weights(queries)
+    assert np.all(weights[: 4 + keys.size] > 0) and np.all(weights[4 + keys.size :] == 0)
+    alpha, _ = store.posteriors(queries[: 4 + keys.size])
+    expected = np.where(np.searchsorted(keys, queries[: 4 + keys.size]) % 2 == 0, 1.25, 0.5)
+    np.testing.assert_array_equal(alpha, expected)
