@@ -468,12 +468,21 @@ class ValueStore:
         return weights
 
     def sample(self, pool_keys: Sequence[int] | np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-        """Positions in `pool_keys` of `batch_size` prompts drawn without replacement, proportionally
-        to their weights, in draw order. Replicated: with the same pool and the same generator
-        state on every rank, every rank draws the same prompts."""
+        """Positions in `pool_keys` of `batch_size` distinct prompts drawn without replacement,
+        proportionally to their weights, in draw order. Replicated: with the same pool and the same
+        generator state on every rank, every rank draws the same prompts."""
+        pool_keys = _as_keys(pool_keys)
         weights = self.weights(pool_keys)
         try:
-            return tracker.weighted_sample_without_replacement(weights, batch_size, rng)
+            chosen = tracker.weighted_sample_without_replacement(weights, batch_size, rng)
+            if np.unique(pool_keys[chosen]).size < chosen.size:
+                # the pool repeats a prompt (a dataset with duplicates): count each prompt once,
+                # since one step can visit a prompt only once; redraw (same on every rank)
+                _, first = np.unique(pool_keys, return_index=True)
+                once = np.zeros_like(weights)
+                once[first] = weights[first]
+                chosen = tracker.weighted_sample_without_replacement(once, batch_size, rng)
+            return chosen
         except ValueError as err:
             raise UserError(
                 f"value store: cannot sample a batch of {batch_size} from a pool of {len(weights)} "

@@ -252,3 +252,13 @@ def test_key_lookup_agrees_with_searchsorted_at_the_int64_extremes():
     alpha, _ = store.posteriors(queries[: 4 + keys.size])
     expected = np.where(np.searchsorted(keys, queries[: 4 + keys.size]) % 2 == 0, 1.25, 0.5)
     np.testing.assert_array_equal(alpha, expected)
+
+
+def test_sample_draws_a_prompt_repeated_in_the_pool_once():
+    store = ValueStore.from_keys([1, 2, 3], ValueConfig())
+    pool = np.array([1, 1, 1, 1, 1, 1, 2, 3])
+    for seed in range(20):
+        drawn = pool[store.sample(pool, 3, np.random.default_rng(seed))]
+        assert sorted(drawn.tolist()) == [1, 2, 3]
+    with pytest.raises(UserError, match="only 3 have weight > 0"):
+        store.sample(pool, 4, np.random.default_rng(0))
