@@ -23,6 +23,9 @@ once here and the engine continues from exactly these ids (no re-tokenisation of
 conversation). Many trajectories are in flight at once: each engine call batches every
 trajectory that is ready to generate, while other trajectories' tools run in a thread pool, so
 the engine is not idle while code executes.
+
+Grade `Sample.extra["model_text"]` (the model-written tokens only), not `response_text`: a
+`\\boxed{}` that the code printed into an interpreter block is not the model's answer.
 """
 
 from __future__ import annotations
@@ -78,6 +81,20 @@ class AgentLoopConfig:
             raise UserError(f"agent.max_tool_response_length must be >= 1, got {self.max_tool_response_length}")
         if self.max_concurrent_tools < 1:
             raise UserError(f"agent.max_concurrent_tools must be >= 1, got {self.max_concurrent_tools}")
+
+    @classmethod
+    def from_rollout(cls, rollout, **overrides) -> "AgentLoopConfig":
+        """The loop's settings from the trainer's `rollout` section (`training.config.RolloutConfig`)."""
+        fields = dict(
+            max_turns=rollout.max_assistant_turns,
+            max_response_length=rollout.max_response_tokens,
+            max_tool_response_length=rollout.max_tool_response_tokens,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
+            sandbox=rollout.sandbox,
+        )
+        fields.update(overrides)
+        return cls(**fields)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -247,6 +264,11 @@ class AgentLoop:
             response_text=self.tokenizer.decode(trajectory.response_ids, skip_special_tokens=True),
             ground_truth=task.ground_truth,
             extra={
+                # what the model itself wrote: grade this, so an answer the code printed into
+                # an <interpreter> block cannot earn the reward
+                "model_text": self.tokenizer.decode(
+                    [t for t, m in zip(trajectory.response_ids, trajectory.response_mask) if m],
+                    skip_special_tokens=True),
                 "num_turns": trajectory.turns,
                 "num_tool_calls": trajectory.tool_calls,
                 "tool_failures": trajectory.tool_failures,

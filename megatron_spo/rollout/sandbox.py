@@ -403,7 +403,7 @@ def _run_sandbox_fusion(code: str, stdin: str, config: SandboxConfig) -> Sandbox
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_NOATIME, _MS_NODIRATIME, _MS_BIND = 32, 1024, 2048, 4096
 _MS_REC, _MS_PRIVATE, _MS_RELATIME = 16384, 1 << 18, 1 << 21
-_PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 24, 38
+_PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 4, 24, 38
 
 
 def _libc():
@@ -516,6 +516,9 @@ def _namespace_init(spec_path: str) -> int:
         except BaseException as e:  # noqa: BLE001 - report any set-up failure, never run the code
             os.write(2, f"sandbox set-up failed: {e!r}\n".encode())
         os._exit(126)
+    # Not dumpable: the code cannot reach the host filesystem through /proc/1/root or /proc/1/cwd
+    # of this (unchrooted) init, even where it shares the init's uid (user-namespace mode).
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     # As init, reap every orphan until the code's main process ends; returning then ends the
     # namespace, and the kernel kills whatever the code left behind.
     exit_code = 126

@@ -108,6 +108,7 @@ def test_two_tool_calls_in_one_turn_are_both_answered_in_order(tokenizer):
     assert sample.extra["num_turns"] == 2
     assert sample.extra["num_tool_calls"] == 2
     assert sample.extra["terminated_by"] == "no_tool_call"
+    assert sample.extra["model_text"] == turn0 + "So the answer is \\boxed{42}."
     # the second turn continued from exactly prompt + turn 0 + tool output
     second_request = engine.calls[1][0]
     assert second_request.prompt_token_ids == _ids(tokenizer, "Q: ") + sample.response_token_ids[: n0 + n_tool]
@@ -223,6 +224,7 @@ def test_many_trajectories_in_flight_engine_busy_while_tools_run(tokenizer):
         assert len(sample.response_mask) == len(sample.response_token_ids) == len(sample.response_logprobs)
         model_text = "".join(tokenizer.decode([t]) for t, m in zip(sample.response_token_ids, sample.response_mask) if m)
         assert "<interpreter>" not in model_text
+        assert sample.extra["model_text"] == model_text.replace(EOS, "")
 
 
 def test_failing_code_returns_its_traceback(tokenizer):
@@ -243,3 +245,13 @@ def test_parse_code_blocks():
 def test_bad_agent_config_is_a_user_error(field):
     with pytest.raises(UserError, match=f"agent.{field}"):
         AgentLoopConfig(**{field: 0})
+
+
+def test_config_from_the_trainers_rollout_section():
+    from megatron_spo.training.config import RolloutConfig
+
+    rollout = RolloutConfig(max_assistant_turns=3, max_response_tokens=1000, max_tool_response_tokens=64,
+                            temperature=0.7, sandbox=SandboxConfig(timeout_s=2))
+    config = AgentLoopConfig.from_rollout(rollout, max_concurrent_tools=2)
+    assert (config.max_turns, config.max_response_length, config.max_tool_response_length) == (3, 1000, 64)
+    assert (config.temperature, config.sandbox.timeout_s, config.max_concurrent_tools) == (0.7, 2, 2)

@@ -217,7 +217,8 @@ def test_reading_a_planted_file_fails(tmp_path):
     os.chmod(secret, 0o644)  # world-readable: only the namespace hides it
     os.chmod(tmp_path, 0o755)
     code = (
-        f"for path in [{str(secret)!r}, '/etc/shadow', '/root/.bash_history', '/proc/1/environ']:\n"
+        f"for path in [{str(secret)!r}, '/proc/1/root{secret}', '/proc/1/cwd/spec.json', '/etc/shadow',\n"
+        "             '/root/.bash_history', '/proc/1/environ']:\n"
         "    try:\n"
         "        print('READ', path, open(path).read())\n"
         "    except OSError as e:\n"
@@ -227,7 +228,7 @@ def test_reading_a_planted_file_fails(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "TOP-SECRET-7f3a" not in result.stdout
     assert "READ" not in result.stdout
-    assert result.stdout.count("BLOCKED") == 4
+    assert result.stdout.count("BLOCKED") == 6
 
 
 @needs_namespaces
@@ -423,11 +424,13 @@ code = (
     "    os.chroot('/tmp'); chroot = 'allowed'\n"
     "except OSError:\n"
     "    chroot = 'blocked'\n"
-    "try:\n"
-    f"    open({secret!r}).read(); read = 'allowed'\n"
-    "except OSError:\n"
-    "    read = 'blocked'\n"
-    "print(caps, chroot, read)\n"
+    "reads = []\n"
+    f"for path in [{secret!r}, '/proc/1/root' + {secret!r}]:\n"
+    "    try:\n"
+    "        open(path).read(); reads.append('allowed')\n"
+    "    except OSError:\n"
+    "        reads.append('blocked')\n"
+    "print(caps, chroot, *reads)\n"
 )
 result = run_python(code, timeout_s=20, config=SandboxConfig(isolation="namespaces"))
 print(json.dumps({"caller_uid": os.geteuid(), "isolation": result.isolation, "stdout": result.stdout,
@@ -460,4 +463,4 @@ def test_unprivileged_caller_gets_a_capability_free_user_namespace():
     if report["isolation"] != "namespaces":
         pytest.skip("unprivileged user namespaces are disabled on this machine")
     assert report["caller_uid"] == 65534
-    assert report["stdout"].split() == ["0000000000000000", "blocked", "blocked"], report
+    assert report["stdout"].split() == ["0000000000000000", "blocked", "blocked", "blocked"], report
