@@ -155,25 +155,35 @@ class TabularDigitPolicy:
         self.logits = tensor.detach().clone()
 
 
+def table_index(full_responses: Sequence[Sequence[int]], start: Sequence[int]) -> torch.Tensor:
+    """(B, T) long: where each token full_responses[b][start[b]:] sits in the flattened
+    (111 * 10) logits table of `TabularDigitPolicy`; EOS after three digits and right padding
+    point at one extra entry past the table (log-probability 0)."""
+    width = max(len(r) - s for r, s in zip(full_responses, start))
+    padding_index = TabularDigitPolicy.NUM_STATES * 10
+    rows = []
+    for response, first in zip(full_responses, start):
+        row = [
+            TabularDigitPolicy.state_index(response[:t]) * 10 + response[t]
+            for t in range(first, min(len(response), NUM_DIGITS))
+        ]
+        rows.append(row + [padding_index] * (width - len(row)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def gather_logprobs(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities at `index` (from `table_index`) under `logits` (111, 10) at
+    `temperature` (the actor's view: no top-p). Differentiable in `logits`."""
+    table = torch.log_softmax(logits / temperature, dim=-1).flatten()
+    return torch.cat([table, table.new_zeros(1)])[index]
+
+
 def teacher_forced_logprobs(
     logits: torch.Tensor, full_responses: Sequence[Sequence[int]], start: Sequence[int], temperature: float
 ) -> torch.Tensor:
-    """(B, T) log-probabilities of tokens full_responses[b][start[b]:] under a tabular policy's
-    `logits` (111, 10) at `temperature` (the actor's view: no top-p), right-padded with 0.
-    Differentiable in `logits`; EOS after three digits has log-probability 0."""
-    width = max(len(r) - s for r, s in zip(full_responses, start))
-    rows = []
-    for response, first in zip(full_responses, start):
-        row = []
-        for t in range(first, len(response)):
-            if t >= NUM_DIGITS:
-                row.append(torch.zeros((), dtype=logits.dtype))
-            else:
-                state = TabularDigitPolicy.state_index(response[:t])
-                row.append(torch.log_softmax(logits[state] / temperature, dim=0)[response[t]])
-        row += [torch.zeros((), dtype=logits.dtype)] * (width - len(row))
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
+    """(B, T) log-probabilities of tokens full_responses[b][start[b]:] under a tabular policy,
+    right-padded with 0 (see `table_index`, `gather_logprobs`)."""
+    return gather_logprobs(logits, table_index(full_responses, start), temperature)
 
 
 def apply_sampling(base: Sequence[float], temperature: float, top_p: float = 1.0, top_k: int = -1) -> list[float]:
