@@ -123,7 +123,8 @@ class SandboxResult:
     stdout: str
     stderr: str
     exit_code: int | None
-    """Exit status; negative -N when killed by signal N; None when killed at the deadline."""
+    """Exit status; negative -N when killed by signal N (-9 when killed at the output cap); None
+    when killed at the deadline."""
     timed_out: bool
     """The wall-clock deadline passed and the whole sandbox was killed."""
     output_truncated: bool = False
@@ -270,8 +271,8 @@ def _run_local(code: str, stdin: str, config: SandboxConfig, isolation: str) -> 
         exit_code = proc.returncode
         if isolation == "namespaces":
             exit_code = _read_status(os.path.join(host_dir, "status.json"), exit_code)
-        if timed_out or truncated:
-            exit_code = None if timed_out else exit_code
+        if timed_out:
+            exit_code = None
         return SandboxResult(
             stdout=stdout.decode("utf-8", errors="replace"),
             stderr=stderr.decode("utf-8", errors="replace"),
