@@ -167,3 +167,13 @@ def test_paths_are_reported():
     assert math_reward(f"{B}{{42}}", "42", config).path == "exact"
     assert math_reward(f"{B}{{4.2e1}}", "42", config).path == "numeric"
     assert math_reward(f"{B}{{\\frac{{84}}{{2}}}}", "42", config).path == "math_verify"
+
+
+def test_answer_format_suffix_is_appended_once():
+    from megatron_spo.rollout.rewards import with_answer_format
+
+    config = RewardConfig()
+    prompt = with_answer_format("What is 2 + 2?", config)
+    assert prompt == "What is 2 + 2?\n\nThe answer format must be: \\boxed{...}"
+    assert with_answer_format(prompt, config) == prompt
+    assert with_answer_format("Q", RewardConfig(answer_format_suffix="")) == "Q"
