@@ -181,3 +181,18 @@ def test_first_digit_matching_the_target_gets_a_positive_advantage():
     _, loss_mask = prepare_segment_batch(advantages, torch.tensor([good.response_logprobs]),
                                          torch.ones(1, 4), config.loss)
     assert loss_mask.tolist() == [[True, False, True, False]]
+
+
+def test_config_defaults_are_the_authors_and_load_strictly_from_user_input():
+    from megatron_spo.config import from_dict
+    from megatron_spo.errors import UserError
+
+    config = SegmentChainConfig()
+    assert (config.cut_interval, config.num_continuations, config.temperature, config.top_p) == (5, 9, 0.6, 0.9)
+    assert (config.loss.prob_threshold, config.loss.clip_ratio, config.loss.kl_coef) == (0.9, 0.2, 1e-4)
+    loaded = from_dict(SegmentChainConfig, {"cut_interval": 10, "num_continuations": 4, "loss": {"kl_coef": 0}})
+    assert loaded.cut_interval == 10 and loaded.num_continuations == 4 and loaded.loss.kl_coef == 0.0
+    with pytest.raises(UserError, match="cut_intervall"):
+        from_dict(SegmentChainConfig, {"cut_intervall": 10})
+    with pytest.raises(UserError, match="cut_interval must be >= 1"):
+        from_dict(SegmentChainConfig, {"cut_interval": 0})

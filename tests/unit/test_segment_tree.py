@@ -156,3 +156,14 @@ def test_tree_node_values_converge_to_enumerated_prefix_values():
     # and those advantages reach the training samples of depth 0
     depth0 = [s for s in samples if s.extra["depth"] == 0]
     assert depth0 and all(s.extra["advantage"] == pytest.approx(s.extra["value"] - s.extra["parent_value"]) for s in depth0)
+
+
+def test_tree_config_defaults_and_strict_loading():
+    from megatron_spo.config import from_dict
+    from megatron_spo.errors import UserError
+
+    config = SegmentTreeConfig()
+    assert config.branching_factors == [6, 6, 6] and config.temperature == 0.6 and config.loss.prob_threshold == 0.9
+    assert from_dict(SegmentTreeConfig, {"branching_factors": [4, 5, 6], "segment_tokens": 600}).branching_factors == [4, 5, 6]
+    with pytest.raises(UserError, match="branching_factors"):
+        from_dict(SegmentTreeConfig, {"branching_factors": [6, 0]})

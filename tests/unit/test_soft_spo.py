@@ -222,3 +222,15 @@ def test_load_offpolicy_jsonl_file_level_errors(tmp_path):
     text_only = _write(tmp_path / "text.jsonl", [json.dumps({"prompt": "a", "response": "b", "reward": 0})])
     with pytest.raises(UserError, match="no tokenizer"):
         load_offpolicy_jsonl(text_only)
+
+
+def test_soft_config_defaults_and_strict_loading():
+    from megatron_spo.config import from_dict
+
+    config = SoftSPOConfig()
+    assert (config.beta, config.loss_type, config.q0_num_samples, config.q0_clamp) == (0.01, "squared", 256, 10.0)
+    assert from_dict(SoftSPOConfig, {"loss_type": "cross_entropy", "beta": 0.05}).loss_type == "cross_entropy"
+    with pytest.raises(UserError, match="loss_type"):
+        from_dict(SoftSPOConfig, {"loss_type": "hinge"})
+    with pytest.raises(UserError, match="beta must be > 0"):
+        from_dict(SoftSPOConfig, {"beta": 0.0})
