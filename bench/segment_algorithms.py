@@ -79,8 +79,9 @@ def bench_chain_dedup() -> None:
     config = SegmentChainConfig(cut_interval=1, num_continuations=9, max_response_tokens=4)
     prompts = [prompt_for_target(37 * i + 5) for i in range(16)]
     samples = _responses(DigitTaskEngine(DigitPolicy(), seed=0), prompts, 8, config)
-    # sample i of the batch scores against its own prompt
-    score = lambda i, response, finish: digit_reward(response, target_of_prompt(samples[i].prompt_token_ids))  # noqa: E731
+
+    def score(i, response, finish):  # sample i of the batch scores against its own prompt
+        return digit_reward(response, target_of_prompt(samples[i].prompt_token_ids))
 
     deduplicated = CountingEngine(DigitPolicy(), seed=1)
     build_chain_samples(samples, deduplicated, score, config, seed=0)
@@ -108,13 +109,19 @@ def bench_sampling_cost() -> None:
 
     chain = CountingEngine(DigitPolicy(), seed=3)
     one_response = [s for k, s in enumerate(samples) if k % 8 == 0]  # SPO-chain: 1 response + MC
-    score = lambda i, response, finish: digit_reward(response, target_of_prompt(one_response[i].prompt_token_ids))  # noqa: E731
+
+    def score(i, response, finish):
+        return digit_reward(response, target_of_prompt(one_response[i].prompt_token_ids))
+
     build_chain_samples(one_response, chain, score, chain_config, seed=0)
     chain_tokens = (chain.tokens + sum(len(s.response_token_ids) for s in one_response)) / len(prompts)
 
     tree = CountingEngine(DigitPolicy(), seed=4)
     tree_config = SegmentTreeConfig(branching_factors=[6, 6, 6], segment_tokens=1, max_response_tokens=4)
-    tree_score = lambda i, response, finish: digit_reward(response, target_of_prompt(prompts[i]))  # noqa: E731
+
+    def tree_score(i, response, finish):
+        return digit_reward(response, target_of_prompt(prompts[i]))
+
     edges, _ = build_tree_samples(prompts, tree, tree_score, tree_config, seed=0)
     tree_tokens = tree.tokens / len(prompts)
     print("2. generated tokens per prompt (3-digit task)")

@@ -170,7 +170,8 @@ def test_first_digit_matching_the_target_gets_a_positive_advantage():
     prompt = prompt_for_target(300)
     samples = []
     for response in ([3, 3, 0, 10], [8, 1, 2, 10]):
-        logprobs = [math.log(policy.sampling_distribution(response[:t], 0.6, 0.9)[tok]) for t, tok in enumerate(response)]
+        logprobs = [math.log(policy.sampling_distribution(response[:t], 0.6, 0.9)[token])
+                    for t, token in enumerate(response)]
         samples.append(Sample(prompt_key=0, prompt_token_ids=prompt, response_token_ids=response,
                               response_logprobs=logprobs, response_mask=[1] * 4, reward=digit_reward(response, 300)))
     good, bad = build_chain_samples(samples, engine, lambda i, r, f: digit_reward(r, 300), config)

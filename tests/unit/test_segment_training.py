@@ -50,8 +50,9 @@ def _train_step(logits, optimizer, samples):
     starts = [len(split_prompt(s.prompt_token_ids)[1]) for s in samples]
     old = teacher_forced_logprobs(logits.detach(), prefixes_and_responses, starts, TEMPERATURE)
     width = old.shape[1]
-    token_advantages = torch.tensor([s.extra[TOKEN_ADVANTAGES_KEY] + [0.0] * (width - len(s.response_token_ids)) for s in samples])
-    response_mask = torch.tensor([[1.0] * len(s.response_token_ids) + [0.0] * (width - len(s.response_token_ids)) for s in samples])
+    padding = [width - len(s.response_token_ids) for s in samples]
+    token_advantages = torch.tensor([s.extra[TOKEN_ADVANTAGES_KEY] + [0.0] * pad for s, pad in zip(samples, padding)])
+    response_mask = torch.tensor([[1.0] * len(s.response_token_ids) + [0.0] * pad for s, pad in zip(samples, padding)])
     advantages, loss_mask = prepare_segment_batch(token_advantages, old, response_mask, LOSS)
     new = teacher_forced_logprobs(logits, prefixes_and_responses, starts, TEMPERATURE)
     out = segment_policy_loss(new, old, advantages, loss_mask, LOSS)
@@ -72,7 +73,8 @@ def test_segment_policy_optimization_raises_the_exact_expected_reward(algorithm)
     optimizer = torch.optim.Adam([logits], lr=0.1)
     prompt = prompt_for_target(TARGET)
     chain_config = SegmentChainConfig(cut_interval=1, num_continuations=4, top_p=1.0, max_response_tokens=4, loss=LOSS)
-    tree_config = SegmentTreeConfig(branching_factors=[4, 4, 4], segment_tokens=1, top_p=1.0, max_response_tokens=4, loss=LOSS)
+    tree_config = SegmentTreeConfig(branching_factors=[4, 4, 4], segment_tokens=1, top_p=1.0,
+                                    max_response_tokens=4, loss=LOSS)
     initial = _expected_reward(logits.detach())
 
     for iteration in range(25):

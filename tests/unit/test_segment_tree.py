@@ -150,12 +150,14 @@ def test_tree_node_values_converge_to_enumerated_prefix_values():
             assert abs(statistics.mean(values) - exact(target, [digit])) < 5 * standard_error + 1e-9
             exact_advantage = exact(target, [digit]) - exact(target, [])
             if abs(exact_advantage) > 0.05:
-                assert math.copysign(1, statistics.mean(advantages_by_first_digit[digit])) == math.copysign(1, exact_advantage)
+                mean_advantage = statistics.mean(advantages_by_first_digit[digit])
+                assert math.copysign(1, mean_advantage) == math.copysign(1, exact_advantage)
                 checked_signs += 1
     assert checked_signs >= 10
     # and those advantages reach the training samples of depth 0
     depth0 = [s for s in samples if s.extra["depth"] == 0]
-    assert depth0 and all(s.extra["advantage"] == pytest.approx(s.extra["value"] - s.extra["parent_value"]) for s in depth0)
+    assert depth0
+    assert all(s.extra["advantage"] == pytest.approx(s.extra["value"] - s.extra["parent_value"]) for s in depth0)
 
 
 def test_tree_config_defaults_and_strict_loading():
@@ -164,6 +166,7 @@ def test_tree_config_defaults_and_strict_loading():
 
     config = SegmentTreeConfig()
     assert config.branching_factors == [6, 6, 6] and config.temperature == 0.6 and config.loss.prob_threshold == 0.9
-    assert from_dict(SegmentTreeConfig, {"branching_factors": [4, 5, 6], "segment_tokens": 600}).branching_factors == [4, 5, 6]
+    loaded = from_dict(SegmentTreeConfig, {"branching_factors": [4, 5, 6], "segment_tokens": 600})
+    assert loaded.branching_factors == [4, 5, 6] and loaded.segment_tokens == 600
     with pytest.raises(UserError, match="branching_factors"):
         from_dict(SegmentTreeConfig, {"branching_factors": [6, 0]})

@@ -102,7 +102,8 @@ def test_prompt_q0_from_reference_samples_converges_to_the_soft_value():
     engine = DigitTaskEngine(policy, seed=0)
     targets = [120, 900]
     prompts = [prompt_for_target(t) for t in targets]
-    q0 = estimate_prompt_q0(prompts, engine, lambda i, r, f: digit_reward(r, target_of_prompt(prompts[i])), config, seed=3)
+    score = lambda i, response, finish: digit_reward(response, target_of_prompt(prompts[i]))  # noqa: E731
+    q0 = estimate_prompt_q0(prompts, engine, score, config, seed=3)
     assert engine.calls == [2]
     for target, estimate in zip(targets, q0):
         # X = exp(r / beta); Q0 = beta ln E[X]; delta-method standard error beta sd(X) / (E[X] sqrt(n))
@@ -112,7 +113,8 @@ def test_prompt_q0_from_reference_samples_converges_to_the_soft_value():
             moments[0] += p * x
             moments[1] += p * x * x
         exact = config.beta * math.log(moments[0])
-        standard_error = config.beta * math.sqrt(moments[1] - moments[0] ** 2) / (moments[0] * math.sqrt(config.q0_num_samples))
+        relative_sd = math.sqrt(moments[1] - moments[0] ** 2) / moments[0]
+        standard_error = config.beta * relative_sd / math.sqrt(config.q0_num_samples)
         assert abs(estimate - exact) < 5 * standard_error, (target, estimate, exact)
 
 

@@ -199,7 +199,8 @@ def prompt_key_of(prompt_token_ids: Sequence[int]) -> int:
 
 def _token_ids_field(record: dict, key: str, where: str) -> list[int]:
     value = record[key]
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+    is_token_id = lambda t: isinstance(t, int) and not isinstance(t, bool) and t >= 0  # noqa: E731
+    if not isinstance(value, list) or not all(is_token_id(t) for t in value):
         raise UserError(f"{where}: '{key}' must be a list of non-negative token ids, got {str(value)[:80]}")
     return value
 
