@@ -212,9 +212,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "", where: s
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         key = _join(path, name)
+        has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        if name in data and data[name] is None and dataclasses.is_dataclass(hints[name]) and has_default:
+            continue  # `section:` with nothing under it (YAML null) means "all defaults"
         if name in data:
             kwargs[name] = _convert(data[name], hints[name], key, where)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+        elif not has_default:
             raise UserError(f"{where}: missing required key '{key}' ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)

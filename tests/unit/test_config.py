@@ -84,6 +84,11 @@ def test_yaml_and_dotted_overrides_build_the_tree(tmp_path):
     assert isinstance(cfg.trainer.out, Path)
 
 
+def test_empty_section_means_defaults(tmp_path):
+    cfg = load_config(Root, write(tmp_path, "trainer:\n  name: a\n  optim:\n  spo:\n"))
+    assert cfg.trainer.optim == Optim() and cfg.trainer.spo == Spo()
+
+
 def test_unknown_key_names_dotted_key_and_valid_ones(tmp_path):
     path = write(tmp_path, "trainer:\n  name: a\n  spo:\n    rho:\n      d_halff: 0.1\n")
     with pytest.raises(UserError) as err:
