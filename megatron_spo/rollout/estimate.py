@@ -167,13 +167,11 @@ def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    import torch.distributed as dist
-
     from megatron_spo import platform
 
-    if not dist.is_initialized():
-        dist.init_process_group(backend=platform.backend())
-    return dist.get_rank(), dist.get_world_size()
+    # the platform's init: the right backend, and each rank on its own device (LOCAL_RANK)
+    ctx = platform.init_distributed(tp=1, pp=1)
+    return ctx.rank, ctx.world_size
 
 
 def run(config: EstimateConfig) -> dict[str, Any]:

@@ -6,7 +6,7 @@ groups consecutive tensors into buckets of about `bucket_mb` megabytes and hands
 `engine.update_weights` before pulling the next. Buckets are cut only between decoder layers
 (`...layers.<i>.`): vLLM re-processes (fuses, repacks) a layer from the tensors one reload call
 brought, so q/k/v or gate/up split over two calls would be wrong. Memory held by the sync is
-therefore one bucket plus one layer, not the model.
+therefore one bucket plus one layer (and one tensor), not the model.
 
 Each sync reports its wall time and bytes, logged and returned as `WeightSyncStats`.
 """
