@@ -262,3 +262,8 @@ def test_sample_draws_a_prompt_repeated_in_the_pool_once():
         assert sorted(drawn.tolist()) == [1, 2, 3]
     with pytest.raises(UserError, match="only 3 have weight > 0"):
         store.sample(pool, 4, np.random.default_rng(0))
+
+
+def test_duplicate_keys_are_refused():
+    with pytest.raises(UserError, match="1 duplicate prompt keys \\(e.g. 7\\)"):
+        ValueStore.from_keys([7, 3, 7], ValueConfig())
