@@ -9,40 +9,54 @@ the same process.
 3. Loss overhead: `prepare_segment_batch` + `segment_policy_loss` (probability mask, whitening,
    PPO clip, k3 KL) forward + backward, and `soft_spo_loss`, against a plain token-mean PPO-clip
    loss on the same (B, T) log-prob tensors.
+4. SPO-tree on the `hf` engine (tiny random Qwen3-style model): the tree grown with one
+   `generate` call per level (as built) against the same orchestration with one call per node
+   (each request sent alone, what a per-node recursive expansion does). Seeded requests make both
+   trees identical, which the script checks.
 
-Run: `.venv/bin/python bench/segment_algorithms.py` (a few seconds; torch threads as set by
-OMP_NUM_THREADS). Counts in 1 and 2 are exact; 3 is wall time, the median over
+Run: `.venv/bin/python bench/segment_algorithms.py` (about a minute; OMP_NUM_THREADS threads,
+default 1, because on a shared machine spinning OpenMP threads make timings collapse). Counts in 1 and 2 are exact; 3 is wall time, the median over
 rounds that time baseline and candidates in turn (robust to load from other processes).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from megatron_spo.rollout.types import GenerationRequest, Sample, SamplingParams
-from megatron_spo.training.algorithms.digit_task import (
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from megatron_spo.rollout.engine import EngineConfig, make_engine  # noqa: E402
+from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams  # noqa: E402
+from megatron_spo.training.algorithms.digit_task import (  # noqa: E402
     DigitPolicy,
     DigitTaskEngine,
     digit_reward,
     prompt_for_target,
     target_of_prompt,
 )
-from megatron_spo.training.algorithms.segment_chain import (
+from megatron_spo.training.algorithms.segment_chain import (  # noqa: E402
     SegmentChainConfig,
     build_chain_samples,
     chain_cut_points,
 )
-from megatron_spo.training.algorithms.segment_loss import (
+from megatron_spo.training.algorithms.segment_loss import (  # noqa: E402
     SegmentLossConfig,
     prepare_segment_batch,
     segment_policy_loss,
 )
-from megatron_spo.training.algorithms.segment_tree import SegmentTreeConfig, build_tree_samples
-from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig, soft_spo_loss
+from megatron_spo.training.algorithms.segment_tree import SegmentTreeConfig, build_tree_samples  # noqa: E402
+from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig, soft_spo_loss  # noqa: E402
 
+from tiny_models import make_tiny_model  # noqa: E402
 
 class CountingEngine(DigitTaskEngine):
     """Counts requests and generated tokens."""
@@ -190,8 +204,60 @@ def bench_loss_overhead(batch=32, tokens=1024) -> None:
         print(f"   {name}: {elapsed * 1e3:.2f} ms, ratio {ratio:.2f}x")
 
 
+class OneRequestPerCall(RolloutEngine):
+    """Baseline engine wrapper: sends every request of a batch in its own `generate` call."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def generate(self, requests):
+        return [result for request in requests for result in self.engine.generate([request])]
+
+    def update_weights(self, named_tensors):
+        self.engine.update_weights(named_tensors)
+
+
+def bench_tree_batching(num_prompts=8, repeats=2) -> None:
+    config = SegmentTreeConfig(branching_factors=[4, 4, 4], segment_tokens=16, max_response_tokens=48,
+                               temperature=1.0, top_p=1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_tiny_model(Path(tmp) / "model", "qwen3", seed=0, vocab_size=128)
+        engine = make_engine(EngineConfig(model=str(model_dir), max_num_seqs=256))
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(3, 128, (12,), generator=generator).tolist() for _ in range(num_prompts)]
+
+        def score(i, response, finish):
+            return sum(t % 2 == 0 for t in response) / len(response)
+
+        def grow(target_engine):
+            start = time.perf_counter()
+            samples, roots = build_tree_samples(prompts, target_engine, score, config, seed=0)
+            return time.perf_counter() - start, samples, roots
+
+        grow(engine)  # warm-up
+        batched = [grow(engine) for _ in range(repeats)]
+        per_node = [grow(OneRequestPerCall(engine)) for _ in range(repeats)]
+        same = [(s.prompt_token_ids, s.response_token_ids) for s in batched[0][1]] == [
+            (s.prompt_token_ids, s.response_token_ids) for s in per_node[0][1]]
+        nodes = sum(1 for root in batched[0][2] for _ in _walk(root)) - num_prompts
+        tokens = sum(len(n.segment_token_ids) for root in batched[0][2] for n in _walk(root))
+        best_batched, best_per_node = min(t for t, _, _ in batched), min(t for t, _, _ in per_node)
+    print(f"4. SPO-tree 4-4-4, M=16, {num_prompts} prompts on the hf engine ({nodes} nodes, {tokens} tokens, "
+          f"identical trees: {same})")
+    print(f"   one call per node {best_per_node:.2f} s, one call per level {best_batched:.2f} s, "
+          f"ratio {best_per_node / best_batched:.2f}x faster (best of {repeats})")
+
+
+def _walk(node):
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
 if __name__ == "__main__":
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     print(f"torch threads: {torch.get_num_threads()}")
     bench_chain_dedup()
     bench_sampling_cost()
     bench_loss_overhead()
+    bench_tree_batching()
