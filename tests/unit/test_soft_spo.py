@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_spo.errors import UserError
+from megatron_spo.value.keys import prompt_key
 from megatron_spo.training.algorithms.digit_task import (
     DigitPolicy,
     DigitTaskEngine,
@@ -182,15 +183,17 @@ def test_load_offpolicy_jsonl_reads_text_and_token_id_records(tmp_path):
         json.dumps({"prompt": "ab", "response": "cde", "reward": -0.25}),
         "",
         json.dumps({"prompt_token_ids": [1, 2], "response_token_ids": [3], "reward": 1, "prompt_key": 7}),
+        json.dumps({"prompt_token_ids": [1, 2], "response_token_ids": [4], "reward": 0}),
     ])
     samples = load_offpolicy_jsonl(path, tokenize=lambda text: [ord(c) for c in text])
-    assert len(samples) == 2
-    first, second = samples
+    assert len(samples) == 3
+    first, second, third = samples
     assert first.prompt_token_ids == [97, 98] and first.response_token_ids == [99, 100, 101]
     assert first.reward == -0.25 and first.response_mask == [1, 1, 1]
-    assert first.prompt_key == prompt_key_of([97, 98]) and first.prompt_text == "ab"
+    assert first.prompt_key == prompt_key("ab") and first.prompt_text == "ab"  # the value store's key
     assert all(math.isnan(x) for x in first.response_logprobs)
     assert second.prompt_key == 7 and second.response_token_ids == [3] and second.reward == 1.0
+    assert third.prompt_key == prompt_key_of([1, 2]) != prompt_key_of([2, 1])
     assert second.extra["source"].endswith("seqs.jsonl:3")
 
 

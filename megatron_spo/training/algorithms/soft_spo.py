@@ -42,6 +42,7 @@ import torch
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams
 from megatron_spo.training.algorithms.segment_chain import ScoreFn
+from megatron_spo.value.keys import prompt_key as text_prompt_key
 
 SoftLossType = Literal["squared", "cross_entropy"]
 
@@ -192,7 +193,8 @@ def estimate_prompt_q0(
 
 
 def prompt_key_of(prompt_token_ids: Sequence[int]) -> int:
-    """A stable 63-bit key of a prompt's token ids (same ids -> same key on every machine)."""
+    """A stable 63-bit key of a prompt given only as token ids (same ids -> same key on every
+    machine). Prompts with text use the project's text key, `megatron_spo.value.keys.prompt_key`."""
     digest = hashlib.blake2b(",".join(map(str, prompt_token_ids)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
@@ -214,8 +216,10 @@ def load_offpolicy_jsonl(
         {"prompt_token_ids": [1, 2], "response_token_ids": [3, 4, 5], "reward": 0.0}
 
     Text fields need `tokenize` (prompt and response are tokenised separately, so the response
-    tokens are exactly the completion); token-id fields are used as given. An optional integer
-    "prompt_key" overrides the key derived from the prompt's token ids. Blank lines are skipped.
+    tokens are exactly the completion); token-id fields are used as given. The prompt key is the
+    record's integer "prompt_key" if present, else the value store's key of the prompt text
+    (`megatron_spo.value.keys.prompt_key`), else `prompt_key_of` its token ids. Blank lines are
+    skipped.
     Behaviour log-probabilities are unknown for external data: `response_logprobs` are NaN
     (soft-SPO does not use them). Every problem raises `UserError` naming the file and line.
     """
@@ -258,7 +262,8 @@ def load_offpolicy_jsonl(
             raise UserError(f"{where}: 'reward' must be a finite number, got {reward!r}")
         prompt_key = record.get("prompt_key", None)
         if prompt_key is None:
-            prompt_key = prompt_key_of(token_ids["prompt"])
+            prompt_text = record.get("prompt")
+            prompt_key = prompt_key_of(token_ids["prompt"]) if prompt_text is None else text_prompt_key(prompt_text)
         elif isinstance(prompt_key, bool) or not isinstance(prompt_key, int):
             raise UserError(f"{where}: 'prompt_key' must be an integer, got {prompt_key!r}")
         num_response = len(token_ids["response"])
