@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.21",
     "sentencepiece>=0.2",
     "tqdm>=4.66",
+    "psutil>=5.9",  # Megatron's dist_checkpointing writer workers need it
 ]
 
 EXTRAS = {

@@ -11,7 +11,8 @@ The CPU shims, each for a failure seen without it (see shared/notes/megatron-on-
   p2p shape exchange): it resolves to the CPU device; `torch.cuda.synchronize()` is a no-op.
 - Megatron's RNG tracker saves/restores the CUDA generator: a tracker on the CPU generator
   replaces it.
-- Pipeline schedules and grad clipping allocate with `device="cuda"` literals and grad clipping
+- Pipeline schedules, the optimizer wrappers and grad clipping allocate with `device="cuda"`
+  literals and grad clipping
   asserts `torch.cuda.FloatTensor`: those modules see a `torch` whose factories map "cuda" to
   the CPU, and grad clipping by total norm is replaced by the same math without the assert.
 - With tied embeddings under PP, the last stage's embedding copy is moved with `tensor.cuda()`:
@@ -79,6 +80,11 @@ def has_transformer_engine() -> bool:
 def attention_backend_name() -> str:
     """Human-readable name of the attention implementation the layer spec uses."""
     return "transformer-engine" if has_transformer_engine() else "torch-sdpa"
+
+
+def supports_distributed_optimizer() -> bool:
+    """Megatron's distributed optimizer type-checks for CUDA tensors; CPU runs use the plain one."""
+    return is_gpu()
 
 
 def model_parallel_overrides() -> dict[str, Any]:
@@ -450,8 +456,9 @@ def install_cpu_compat() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     from megatron.core import tensor_parallel
+    from megatron.core import utils as mcore_utils
     from megatron.core.models.common.language_module.language_module import LanguageModule
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, grad_scaler, optimizer
     from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import random as tp_random
 
@@ -462,7 +469,7 @@ def install_cpu_compat() -> None:
     assert tensor_parallel.get_cuda_rng_tracker() is tracker
 
     cpu_torch = _TorchOnCpu()
-    for module in (schedules, clip_grads, p2p_communication):
+    for module in (schedules, clip_grads, p2p_communication, optimizer, grad_scaler, mcore_utils):
         module.torch = cpu_torch
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     # tied embeddings under PP: the last stage's copy is moved with `.cuda()` before its all-reduce

@@ -1,0 +1,281 @@
+"""Model checkpoints: Megatron distributed checkpoints and Hugging Face directories.
+
+A megatron-spo model checkpoint is a directory:
+
+    CKPT/
+      model/                         Megatron `dist_checkpointing` (torch_dist), loadable at any TP/PP
+      hf/                            the HF config, generation config and tokenizer files
+      megatron_spo_checkpoint.json   written last: what, when, at which TP/PP
+
+It is built under a hidden temporary name and renamed at the end, so a directory with the final
+name is always complete; a checkpoint without its metadata file, or whose shards are damaged,
+is refused with an error naming it.
+
+The HF writer takes the bridge's `(hf_name, tensor)` stream and writes safetensors shards of a
+bounded size with an index, plus the config and tokenizer files, so that
+`transformers.AutoModelForCausalLM.from_pretrained` loads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from megatron_spo import atomic
+from megatron_spo.errors import UserError
+from megatron_spo.platform import ParallelContext
+
+META_FILE = "megatron_spo_checkpoint.json"
+FORMAT = "megatron-spo/mcore-v1"
+MODEL_SUBDIR = "model"
+HF_SUBDIR = "hf"
+
+# Files of an HF model directory that are not weights: carried over on conversion.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; supported: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def copy_hf_side_files(src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Copy config, generation config and tokenizer files (everything but weights)."""
+    dst_dir = Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for path in Path(src_dir).iterdir():
+        if not path.is_file() or path.name in WEIGHT_INDEXES or path.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(path, dst_dir / path.name)
+
+
+def _sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _broadcast_path(path: Path | None, parallel: ParallelContext) -> Path:
+    if parallel.world_size == 1:
+        return path
+    holder = [str(path) if path is not None else None]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
+def save_mcore_checkpoint(
+    chunks: Sequence[torch.nn.Module],
+    parallel: ParallelContext,
+    out_dir: str | Path,
+    *,
+    hf_side_dir: str | Path,
+    architecture: str,
+    dtype: torch.dtype,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model as a Megatron distributed checkpoint (collective over all ranks)."""
+    from megatron.core import dist_checkpointing
+
+    out_dir = Path(out_dir)
+    tmp = None
+    if parallel.rank == 0:
+        if out_dir.exists() and not overwrite:
+            raise UserError(f"output {out_dir} already exists (pass --overwrite to replace it)")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = atomic.temp_dir_for(out_dir)
+        (tmp / MODEL_SUBDIR).mkdir(parents=True)
+    tmp = _broadcast_path(tmp, parallel)
+    try:
+        dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp / MODEL_SUBDIR))
+        if parallel.world_size > 1:
+            torch.distributed.barrier()
+        if parallel.rank == 0:
+            copy_hf_side_files(hf_side_dir, tmp / HF_SUBDIR)
+            atomic.write_json(
+                tmp / META_FILE,
+                {
+                    "format": FORMAT,
+                    "architecture": architecture,
+                    "dtype": dtype_name(dtype),
+                    "written_at_tp": parallel.tp,
+                    "written_at_pp": parallel.pp,
+                    "written_unix_time": time.time(),
+                },
+            )
+            atomic.publish_dir(tmp, out_dir, overwrite=overwrite)
+    finally:
+        if parallel.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if parallel.world_size > 1:
+            torch.distributed.barrier()
+    return out_dir
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    """The metadata of a complete megatron-spo checkpoint; a clear error for anything else."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"checkpoint {ckpt_dir} does not exist")
+    meta_path = ckpt_dir / META_FILE
+    if not meta_path.is_file():
+        raise UserError(
+            f"checkpoint {ckpt_dir} is incomplete or not a megatron-spo checkpoint ({META_FILE} is missing)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{meta_path} is not valid JSON: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r}, expected {FORMAT}")
+    if not (ckpt_dir / MODEL_SUBDIR).is_dir() or not (ckpt_dir / HF_SUBDIR / "config.json").is_file():
+        raise UserError(f"checkpoint {ckpt_dir} is incomplete: {MODEL_SUBDIR}/ or {HF_SUBDIR}/config.json is missing")
+    return meta
+
+
+def load_mcore_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
+    """Load a checkpoint written at any TP/PP into these chunks (collective over all ranks)."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    read_checkpoint_meta(ckpt_dir)
+    sharded = _sharded_state_dict(chunks)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir / MODEL_SUBDIR))
+    except Exception as err:  # noqa: BLE001 - torch.distributed.checkpoint raises many types
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {ckpt_dir} is corrupt or truncated: {first_line}") from err
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise UserError(
+                f"checkpoint {ckpt_dir} does not match the model: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+
+
+class HFShardWriter:
+    """Writes a stream of HF tensors as size-bounded safetensors shards plus an index."""
+
+    def __init__(self, out_dir: Path, *, max_shard_bytes: int):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._files: list[tuple[str, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # own the bytes: exported tensors may be views of parameters or of a reused bucket
+        self._pending[name] = tensor.detach().to("cpu").contiguous().clone()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"model-{len(self._files) + 1:05d}.safetensors"
+        save_file(self._pending, str(self.out_dir / name), metadata={"format": "pt"})
+        self._files.append((name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self._pending:
+            self._flush()
+        if len(self._files) == 1:
+            (self.out_dir / self._files[0][0]).rename(self.out_dir / "model.safetensors")
+            return
+        count = len(self._files)
+        weight_map = {}
+        for i, (name, tensors) in enumerate(self._files, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            (self.out_dir / name).rename(self.out_dir / final)
+            weight_map.update({t: final for t in tensors})
+        atomic.write_json(
+            self.out_dir / "model.safetensors.index.json",
+            {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+        )
+
+
+def save_hf_checkpoint(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    hf_side_dir: str | Path,
+    dtype: torch.dtype,
+    write: bool = True,
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+) -> Path:
+    """Write an HF model directory from a tensor stream (atomically).
+
+    Every rank must drain the stream (it is collective); only the rank with `write=True` writes.
+    """
+    out_dir = Path(out_dir)
+    if not write:
+        for _ in named_tensors:
+            pass
+        return out_dir
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"output {out_dir} already exists (pass --overwrite to replace it)")
+    with atomic.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = HFShardWriter(tmp, max_shard_bytes=max_shard_bytes)
+        for name, tensor in named_tensors:
+            writer.add(name, tensor)
+        writer.close()
+        copy_hf_side_files(hf_side_dir, tmp)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["dtype"] = dtype_name(dtype)
+        config.pop("torch_dtype", None)
+        atomic.write_json(config_path, config)
+    return out_dir
+
+
+def is_mcore_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def hf_side_dir_of(path: str | Path) -> Path:
+    """Where config and tokenizer live: the HF dir itself, or a checkpoint's `hf/`."""
+    return Path(path) / HF_SUBDIR if is_mcore_checkpoint(path) else Path(path)
+
+
+def load_pretrained(path: str | Path, parallel: ParallelContext, *, dtype: torch.dtype = torch.float32, seed: int = 1234):
+    """(spec, chunks, bridge) for an HF model directory or a megatron-spo checkpoint, at any TP/PP."""
+    from megatron_spo.models.bridge import WeightBridge
+    from megatron_spo.models.builder import build_model
+    from megatron_spo.models.hf_config import load_model_spec
+
+    if is_mcore_checkpoint(path):
+        read_checkpoint_meta(path)
+    spec = load_model_spec(hf_side_dir_of(path))
+    spec.check_parallel(parallel.tp, parallel.pp, parallel.vpp)
+    bridge = WeightBridge(spec, parallel)
+    if not is_mcore_checkpoint(path):
+        from megatron_spo.models.bridge import SafetensorsReader
+
+        SafetensorsReader(path).close()  # fail on missing weights before building anything
+    chunks = build_model(spec, parallel, dtype=dtype, seed=seed)
+    if is_mcore_checkpoint(path):
+        load_mcore_checkpoint(chunks, path)
+    else:
+        bridge.load_hf(chunks, path)
+    return spec, chunks, bridge
