@@ -340,12 +340,14 @@ class ValueStore:
                 "the raw dataset prompt text (no chat template, no appended answer-format suffix)"
             )
         missing = data_keys.size - matched
-        logger.info(
+        dropped = off_keys.size - matched
+        logger.log(
+            logging.WARNING if missing or dropped else logging.INFO,
             "value store: %d of %d dataset prompts have offline values in %s; %d missing -> %s; "
             "%d offline prompts not in the dataset dropped",
             matched, data_keys.size, source, missing,
             "prior Beta(0.5, 0.5)" if config.missing == "prior" else "skipped (sampling weight 0)",
-            off_keys.size - matched,
+            dropped,
         )
         if config.missing == "skip":
             keys = data_keys[found]
