@@ -121,6 +121,33 @@ def evaluate(model, tokenizer, records, *, sample, seed, batch_size=100, max_new
     }
 
 
+def thread_check(model, examples, pad_id, *, batch_size, rounds=5, steps_per_round=3):
+    """Wall seconds per SFT step with 1 and with 2 torch threads, interleaved rounds (medians).
+
+    On a busy 2-core machine a second OpenMP thread mostly waits for a core; this prints the
+    ratio so the choice of OMP_NUM_THREADS rests on a measurement taken under the current load.
+    """
+    import statistics
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    input_ids, labels, attention = collate(examples[:batch_size], pad_id)
+    timings = {1: [], 2: []}
+    for _ in range(rounds):
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            start = time.time()
+            for _ in range(steps_per_round):
+                loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            timings[threads].append((time.time() - start) / steps_per_round)
+    one, two = statistics.median(timings[1]), statistics.median(timings[2])
+    print(f"seconds per SFT step (batch {batch_size}): 1 thread {one:.3f}, 2 threads {two:.3f}; "
+          f"2 threads take {two / one:.2f}x the time of 1")
+    return {"one_thread_s": round(one, 4), "two_threads_s": round(two, 4), "ratio_two_over_one": round(two / one, 3)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/demo_task_probe", help="where assets and results go")
@@ -137,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, default=DemoTaskConfig.sft_step_noise)
     parser.add_argument("--max-value", type=int, default=DemoTaskConfig.max_value)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--thread-check", action="store_true",
+                        help="only time SFT steps with 1 vs 2 threads (no training run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -159,6 +188,10 @@ def main(argv=None) -> int:
     print(f"assets in {build_seconds:.1f}s: vocab {len(tokenizer)}, {n_params:,} parameters, "
           f"SFT labels correct {label_accuracy:.3f}")
     examples = encode_sft(tokenizer, sft_records)
+    if args.thread_check:
+        result = thread_check(model, examples, tokenizer.pad_token_id, batch_size=args.batch_size)
+        Path(args.out, "thread_check.json").write_text(json.dumps(result, indent=1))
+        return 0
     val_subset = val_records[: args.eval_prompts]
     eval_at = {int(x) for x in args.eval_at.split(",") if x}
     evaluations = []
