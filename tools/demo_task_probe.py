@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import random
 import sys
 import time
@@ -84,7 +83,8 @@ def sft(model, examples, *, steps, seconds, batch_size, lr, warmup, seed, pad_id
         train_seconds += time.time() - step_start
         if step % log_every == 0:
             history.append({"step": step, "train_seconds": round(train_seconds, 1), "loss": round(loss.item(), 4)})
-            print(f"  step {step:5d}  {train_seconds:6.1f}s  loss {loss.item():.4f}  {tokens / train_seconds:,.0f} tok/s", flush=True)
+            print(f"  step {step:5d}  {train_seconds:6.1f}s  loss {loss.item():.4f}  "
+                  f"{tokens / train_seconds:,.0f} tok/s", flush=True)
         if on_step is not None:
             on_step(step, train_seconds)
     return {"steps": step, "train_seconds": round(train_seconds, 1), "train_tokens": tokens,
@@ -101,7 +101,8 @@ def evaluate(model, tokenizer, records, *, sample, seed, batch_size=100, max_new
     start = time.time()
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        enc = tokenizer([chat_text(tokenizer, sft_prompt(r["prompt"])) for r in chunk], return_tensors="pt", padding=True)
+        texts = [chat_text(tokenizer, sft_prompt(r["prompt"])) for r in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
         kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         out = model.generate(
             **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,

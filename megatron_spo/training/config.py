@@ -201,7 +201,8 @@ class RolloutConfig:
 
         return EngineConfig(
             model=model_dir, name=self.engine, dtype=self.dtype, seed=seed, load_weights=load_weights,
-            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs, tensor_parallel_size=self.tensor_parallel_size,
+            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+            tensor_parallel_size=self.tensor_parallel_size,
             kv_cache_gib=self.kv_cache_gib, gpu_memory_utilization=self.gpu_memory_utilization,
             enable_sleep_mode=self.enable_sleep_mode,
         )
@@ -227,7 +228,10 @@ class PolicyLossConfig:
 
     def __post_init__(self):
         if not 0 <= self.clip_ratio_low < 1 or self.clip_ratio_high < 0:
-            raise ValueError(f"need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0, got {self.clip_ratio_low}, {self.clip_ratio_high}")
+            raise ValueError(
+                "need 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0, "
+                f"got {self.clip_ratio_low}, {self.clip_ratio_high}"
+            )
         if self.clip_ratio_c <= 1:
             raise ValueError(f"clip_ratio_c must be > 1, got {self.clip_ratio_c}")
         if self.kl_coef < 0 or self.entropy_coef < 0:
@@ -408,9 +412,15 @@ class TrainConfig:
         if self.rollout.n is None:  # resolve, so the saved effective config states it
             self.rollout.n = 8 if name == "grpo" else 1
         if name == "spo" and self.rollout.n != 1:
-            raise UserError(f"rollout.n={self.rollout.n}: algorithm 'spo' is single-stream (one response per prompt); use n=1 or algorithm.name=grpo")
+            raise UserError(
+                f"rollout.n={self.rollout.n}: algorithm 'spo' is single-stream (one response per prompt); "
+                "use n=1 or algorithm.name=grpo"
+            )
         if name == "grpo" and self.rollout.n < 2:
-            raise UserError(f"rollout.n={self.rollout.n}: algorithm 'grpo' needs at least 2 responses per prompt for a group baseline")
+            raise UserError(
+                f"rollout.n={self.rollout.n}: algorithm 'grpo' needs at least 2 responses per prompt "
+                "for a group baseline"
+            )
         if name == "spo" and self.batch.gen_batch_size < self.batch.train_batch_size:
             raise UserError(
                 f"batch.gen_batch_size ({self.batch.gen_batch_size}) must be >= batch.train_batch_size "

@@ -126,7 +126,11 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
-        numeric = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {
+            k: v
+            for k, v in record.items()
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tensorboard is not None:
             for key, value in numeric.items():
                 self._tensorboard.add_scalar(key, value, global_step=step)
@@ -169,7 +173,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def distribution_stats(prefix: str, values: Iterable[float] | np.ndarray, percentiles: Iterable[int] = (10, 50, 90)) -> dict[str, float]:
+def distribution_stats(
+    prefix: str, values: Iterable[float] | np.ndarray, percentiles: Iterable[int] = (10, 50, 90)
+) -> dict[str, float]:
     """`prefix/mean`, `/std`, `/min`, `/max` and `/p10`, `/p50`, `/p90` of `values`.
 
     For the per-step distributions the SPO tracker exposes: p_hat, rho, KL drift D, advantages.

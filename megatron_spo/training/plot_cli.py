@@ -104,7 +104,8 @@ def plot_runs(run_dirs: list[str], out_dir: str | os.PathLike, extra_keys: list[
                 ax.legend(fontsize=8)
             else:
                 missing = key if not key_logged else GENERATED_TOKENS_KEY
-                ax.text(0.5, 0.5, f"no {missing} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+                ax.text(0.5, 0.5, f"no {missing} logged", ha="center", va="center",
+                        transform=ax.transAxes, color="gray")
     if not anything:
         raise UserError(f"none of {', '.join(rows)} appears in the metrics of {', '.join(run_dirs)}")
     fig.suptitle(" vs ".join(runs) if len(runs) > 1 else next(iter(runs)))
@@ -127,7 +128,9 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="output directory (default: the first RUN_DIR/plots)")
-    parser.add_argument("--keys", default="", help="comma-separated extra metrics to draw, e.g. spo/rho/mean,actor/entropy")
+    parser.add_argument(
+        "--keys", default="", help="comma-separated extra metrics to draw, e.g. spo/rho/mean,actor/entropy"
+    )
     args = parser.parse_args(argv)
     out = args.out or str(Path(args.run_dirs[0]) / "plots")
     extra = [k for k in args.keys.split(",") if k]

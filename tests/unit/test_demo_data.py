@@ -28,7 +28,9 @@ from megatron_spo.training.demo_data import (
 
 SMALL = DemoTaskConfig(num_train=300, num_val=60, num_sft=400)
 # the smallest model vLLM's CPU attention would accept (head_dim 32), so the tests stay cheap
-MICRO = TinyModelConfig(hidden_size=64, num_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128)
+MICRO = TinyModelConfig(
+    hidden_size=64, num_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128
+)
 STEP_RE = re.compile(r"(\d+) ([+-]) (\d+) = (\d+)\.")
 
 
