@@ -427,6 +427,29 @@ class TrainConfig:
                 f"({self.batch.train_batch_size}): the batch is drawn from that pool"
             )
 
+    def check_world_size(self, world_size: int) -> int:
+        """Refuse parallel / batch sizes that cannot be laid out on `world_size` ranks; return DP.
+
+        Called by the trainer before initialising process groups, so a wrong launch is one clear
+        line instead of a hang or a shape error deep in a collective.
+        """
+        tp, pp = self.parallel.tp, self.parallel.pp
+        if world_size % (tp * pp):
+            raise UserError(
+                f"parallel.tp ({tp}) x parallel.pp ({pp}) = {tp * pp} does not divide the world size "
+                f"{world_size} (torchrun nodes x processes per node)"
+            )
+        dp = world_size // (tp * pp)
+        n = self.rollout.n or 1
+        for key, prompts in (("batch.train_batch_size", self.batch.train_batch_size),
+                             ("batch.mini_batch_size", self.batch.mini_batch_size)):
+            if (prompts * n) % dp:
+                raise UserError(
+                    f"{key} ({prompts} prompts x {n} responses = {prompts * n} sequences) is not divisible "
+                    f"by the data-parallel size {dp} (world {world_size} / (tp {tp} x pp {pp}))"
+                )
+        return dp
+
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir is not None else Path(self.run_dir) / "checkpoints"

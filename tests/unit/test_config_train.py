@@ -104,3 +104,14 @@ def test_rollout_section_mirrors_every_engine_knob(setup):
     assert not missing, f"EngineConfig fields not settable from the train config: {missing}"
     engine = RolloutConfig(max_num_seqs=7).engine_config(str(tmp_path / "model"), seed=3)
     assert engine.max_num_seqs == 7 and engine.seed == 3 and engine.name == "hf"
+
+
+def test_world_size_checks_name_the_sizes(setup):
+    config, _ = setup
+    cfg = load_train_config(str(config), ["parallel.tp=2", "batch.train_batch_size=8", "batch.mini_batch_size=4",
+                                           "batch.gen_batch_size=8"])
+    assert cfg.check_world_size(4) == 2
+    with pytest.raises(UserError, match=r"parallel.tp \(2\) x parallel.pp \(1\) = 2 does not divide the world size 3"):
+        cfg.check_world_size(3)
+    with pytest.raises(UserError, match=r"batch.mini_batch_size \(4 prompts x 1 responses = 4 sequences\).*size 8"):
+        cfg.check_world_size(16)
