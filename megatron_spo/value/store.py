@@ -410,6 +410,13 @@ class ValueStore:
         )
         return recv.numpy()
 
+    def _agree(self, problem: str | None, what: str) -> None:
+        """Raise ValueError on every rank if any rank's input is invalid, before any exchange, so
+        a bad input on one rank is an error everywhere instead of a hang in a collective."""
+        failing = int(self._all_reduce_sum(np.array([problem is not None], dtype=np.int64))[0])
+        if failing:
+            raise ValueError(f"value store {what}: {problem or f'{failing} other rank(s) passed invalid input'}")
+
     def _raise_everywhere(self, local_problems: int, message: str) -> None:
         """Agree across ranks whether any rank found a problem, so all raise together (no hang)."""
         total = int(self._all_reduce_sum(np.array([local_problems], dtype=np.int64))[0])
@@ -512,13 +519,18 @@ class ValueStore:
         """
         keys = _as_keys(keys)
         rewards = np.ascontiguousarray(np.asarray(rewards, dtype=np.float64).reshape(-1))
-        rho = np.broadcast_to(np.asarray(rho, dtype=np.float64), keys.shape)
+        rho = np.asarray(rho, dtype=np.float64)
+        problem = None
         if rewards.shape != keys.shape:
-            raise ValueError(f"rewards shape {rewards.shape} != keys shape {keys.shape}")
-        if not (np.all(np.isfinite(rewards)) and np.all((rewards >= 0) & (rewards <= 1))):
-            raise ValueError("rewards must be finite and in [0, 1]")
-        if not np.all((rho > 0) & (rho <= 1)):
-            raise ValueError("rho must be in (0, 1]")
+            problem = f"rewards shape {rewards.shape} != keys shape {keys.shape}"
+        elif rho.shape not in ((), keys.shape):
+            problem = f"rho shape {rho.shape} is neither a scalar nor keys shape {keys.shape}"
+        elif not (np.all(np.isfinite(rewards)) and np.all((rewards >= 0) & (rewards <= 1))):
+            problem = "rewards must be finite and in [0, 1]"
+        elif not np.all((rho > 0) & (rho <= 1)):
+            problem = "rho must be in (0, 1]"
+        self._agree(problem, "update")
+        rho = np.broadcast_to(rho, keys.shape)
         # floats travel bit-exactly as int64 words next to their key
         payload = np.stack([rewards.view(np.int64), np.ascontiguousarray(rho).view(np.int64)], axis=1)
         keys, payload = self._route(keys, payload)
@@ -538,13 +550,16 @@ class ValueStore:
         """Keep each prompt's response of this visit and its log-probs after this step's update,
         for the next visit's drift D. Rank-local, like `update`; replaces what was stored."""
         keys = _as_keys(keys)
+        problem = None
         if not len(token_ids) == len(logprobs) == keys.size:
-            raise ValueError("keys, token_ids and logprobs must have one entry per prompt")
-        ids = [_as_numpy(t, np.int32) for t in token_ids]
-        lps = [_as_numpy(t, np.float32) for t in logprobs]
+            problem = "keys, token_ids and logprobs must have one entry per prompt"
+        else:
+            ids = [_as_numpy(t, np.int32) for t in token_ids]
+            lps = [_as_numpy(t, np.float32) for t in logprobs]
+            if any(len(a) != len(b) for a, b in zip(ids, lps)):
+                problem = "token_ids and logprobs must have the same length for every prompt"
+        self._agree(problem, "store_responses")
         lengths = np.array([len(t) for t in ids], dtype=np.int64)
-        if any(len(a) != len(b) for a, b in zip(ids, lps)):
-            raise ValueError("token_ids and logprobs must have the same length for every prompt")
         flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         flat_lps = np.concatenate(lps) if lps else np.zeros(0, np.float32)
         dest = self._owner(keys)

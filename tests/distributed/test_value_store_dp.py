@@ -81,6 +81,15 @@ def _scenario(rank: int, world: int, directory: str) -> dict:
     local_keys = loaded.state_dict()["keys"]
     result["loaded"] = loaded.state_dict()
     result["present"] = loaded.stored_responses(local_keys[:5]).present  # rank-local reads after load
+    # bad input on one rank is an error on every rank, not a hang in a collective
+    errors = []
+    for reward, key in ((float("nan") if rank == 2 else 1.0, local_keys[0]), (1.0, 12345 if rank == 1 else local_keys[0])):
+        try:
+            loaded.update([key], [reward], 0.9)
+        except (ValueError, KeyError) as err:
+            errors.append(type(err).__name__)
+    result["errors"] = errors
+    result["alpha_after_errors"] = loaded.state_dict()["alpha"]
     return result
 
 
@@ -135,5 +144,7 @@ def test_dp2_equals_dp1_and_checkpoints_reshard(spawn, tmp_path):
     _assert_same_state(_merge([r["loaded"] for r in ranks]), reference)
     stored = set(reference["response_keys"].tolist())
     for rank, result in enumerate(ranks):
+        assert result["errors"] == ["ValueError", "KeyError"]
+        np.testing.assert_array_equal(result["alpha_after_errors"], result["loaded"]["alpha"])  # nothing applied
         assert np.all(np.mod(result["loaded"]["keys"], 4) == rank)
         assert result["present"].tolist() == [int(k) in stored for k in result["loaded"]["keys"][:5]]
