@@ -679,9 +679,15 @@ class ValueStore:
     def save(self, directory: str | os.PathLike) -> None:
         """Write this rank's shard atomically; rank 0 then writes the manifest (a collective).
 
-        A directory without a manifest (a run killed mid-save) is not loadable.
+        A directory without a manifest (a run killed mid-save) is not loadable. Saving over an
+        earlier checkpoint first removes its manifest, so a save killed half-way can never pair
+        the old manifest with a mix of old and new shards.
         """
         directory = Path(directory)
+        if self.dp_rank == 0:
+            (directory / _MANIFEST).unlink(missing_ok=True)
+        if self.dp_size > 1:
+            torch.distributed.barrier(group=self.group)
         state = self.state_dict()
         arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
         shard = directory / _shard_name(self.dp_rank, self.dp_size)
