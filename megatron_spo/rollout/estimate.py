@@ -253,7 +253,6 @@ def run(config: EstimateConfig) -> dict[str, Any]:
                 }
             )
         logger.info("rank %d: %d / %d prompts done", rank, start + len(chunk), len(my_jobs))
-    engine.shutdown()
     pool.close()
 
     all_records = my_records
@@ -265,6 +264,8 @@ def run(config: EstimateConfig) -> dict[str, Any]:
         if rank == 0 and not sharded_engine:
             all_records = [r for part, _ in gathered for r in part]
             reward_failures = sum(failures for _, failures in gathered)
+    # only now: vLLM's shutdown also tears down torch.distributed's default group
+    engine.shutdown()
     if rank != 0:
         return {}
     all_records.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
@@ -332,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="dataset file (.jsonl, .json, .parquet)")
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
     parser.add_argument("--output-dir", required=True, help="writes validation_data/0.jsonl and estimate_summary.json here")
-    parser.add_argument("--n", type=int, default=defaults["n"], help="responses per prompt (default %(default)s)")
+    parser.add_argument("--n", "-n", "--responses-per-prompt", dest="n", type=int, default=defaults["n"],
+                        help="responses per prompt (default %(default)s; under torchrun write -n, which "
+                             "torchrun's own options do not swallow)")
     parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine (default %(default)s)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="vllm: rollout TP; 1 = one engine per rank, WORLD = one engine over all ranks")

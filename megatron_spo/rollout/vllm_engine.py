@@ -167,6 +167,8 @@ class VLLMEngine(RolloutEngine):
         self._asleep = False
 
     def shutdown(self) -> None:
+        """Free the engine. vLLM's engine core also destroys torch.distributed's default process
+        group on shutdown (even one it did not create): call this after the last collective."""
         llm, self.llm = self.llm, None
         if llm is not None:
             del llm

@@ -65,7 +65,7 @@ def test_greedy_equals_hf_generate(tmp_path, family):
     engine = make_engine(EngineConfig(model=str(model_dir), max_num_seqs=2))  # 2 batches of 2
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
-    assert greedy_ids(engine, prompts) == [hf_greedy(model, p, 24) for p in prompts]
+    assert greedy_ids(engine, prompts, 16) == [hf_greedy(model, p, 16) for p in prompts]
 
 
 def test_update_weights_then_greedy_equals_hf_with_new_weights(model_dir, prompts):
@@ -189,9 +189,9 @@ def test_stop_token_stop_string_and_length(engine, prompts):
 def test_eos_ends_a_sample_with_stop(engine, prompts):
     """EOS (from the model's config) is a stop token without being asked for."""
     assert EOS in engine.eos_token_ids
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=64, seed=0)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=64, seed=0)
     results = engine.generate([GenerationRequest(prompt_token_ids=p, params=params) for p in prompts])
-    assert any(EOS in c.token_ids for r in results for c in r.completions)  # 16 samples, 1/128 odds per token
+    assert any(EOS in c.token_ids for r in results for c in r.completions)  # 12 samples, ~1/100 odds per token
     for result in results:
         for completion in result.completions:
             if EOS in completion.token_ids:
