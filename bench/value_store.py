@@ -1,6 +1,6 @@
 """Benchmark of the SPO value store at internet scale (default 10 million prompts, one process).
 
-    .venv/bin/python bench/value_store.py [--prompts 10000000] [--steps 30]
+    .venv/bin/python bench/value_store.py [--prompts 10000000] [--steps 30] [--dp 2]
 
 Measures, each against baselines timed in the same run:
 - build from an offline mapping {prompt: [8 scores]} (hashing every prompt text, binarising,
@@ -50,6 +50,57 @@ def _inline_step(keys, alpha, beta, pool_keys, batch, eps, rng) -> None:
     beta[idx] = 0.96 * beta[idx] + (1 - rewards)
 
 
+def _sharded_steps(rank: int, world: int, port: int, n: int, pool: int, batch: int, steps: int, out) -> None:
+    """One DP rank of the sharded step benchmark: every rank builds the same 10M-prompt store and
+    keeps its shard; sampling and p_hat are replicated, the update is split over the ranks."""
+    import os
+
+    import torch
+
+    from megatron_spo import platform
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group(platform.backend(), rank=rank, world_size=world)
+    rng = np.random.default_rng(0)
+    keys = rng.integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
+    store = ValueStore.from_keys(keys, ValueConfig(), group=torch.distributed.group.WORLD)
+    pools = [keys[rng.choice(n, size=pool, replace=False)] for _ in range(steps)]
+    sampler = np.random.default_rng(1)
+    cpu_times, wall_times = [], []
+    for pool_keys in pools:
+        torch.distributed.barrier()
+        wall, cpu = time.perf_counter(), time.process_time()
+        chosen = pool_keys[store.sample(pool_keys, batch, sampler)]
+        p = store.p_hat(chosen)
+        rewards = (sampler.random(batch) < p).astype(np.float64)
+        mine = slice(rank, None, world)
+        store.update(chosen[mine], rewards[mine], 0.96)
+        wall_times.append(time.perf_counter() - wall)
+        cpu_times.append(time.process_time() - cpu)
+    out.put((rank, float(np.median(cpu_times)), float(np.median(wall_times)), store.local_nbytes / store._keys.size))
+    torch.distributed.destroy_process_group()
+
+
+def _bench_dp(world: int, args) -> list[tuple]:
+    import multiprocessing as mp
+
+    from megatron_spo.platform import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_sharded_steps, args=(r, world, port, args.prompts, args.pool, args.batch, args.steps, out))
+        for r in range(world)
+    ]
+    for proc in procs:
+        proc.start()
+    results = sorted(out.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=10_000_000)
@@ -57,6 +108,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=14_000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--dp", type=int, default=0, help="also time the step sharded over this many gloo ranks")
     args = parser.parse_args()
     n = args.prompts
     n_map = args.mapping_prompts or n
@@ -127,6 +179,18 @@ def main() -> None:
         f" {inline * 1e3:.2f} ms, wall {np.median(inline_wall) * 1e3:.2f} ms); goal < 5 ms (CPU):"
         f" {'met' if step < 5e-3 else 'NOT met'}"
     )
+
+    if args.dp > 1:
+        del store, keys, pools, plain_alpha, plain_beta
+        gc.collect()
+        results = _bench_dp(args.dp, args)
+        dp_cpu = max(r[1] for r in results)
+        dp_wall = max(r[2] for r in results)
+        print(
+            f"step sharded over DP={args.dp} gloo ranks (each {args.prompts // args.dp:,} prompts), slowest rank's"
+            f" median: CPU {dp_cpu * 1e3:.2f} ms, wall {dp_wall * 1e3:.2f} ms = {dp_cpu / step:.2f}x the DP=1 step (CPU)"
+        )
+        return
 
     # ---- state_dict
     state = _best_of(store.state_dict, 3)
