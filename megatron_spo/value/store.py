@@ -18,7 +18,8 @@ Who passes what (SPMD: every rank of the group makes the same calls in the same 
 - rank-local calls take the samples *this* rank generated (the union over ranks is the batch, each
   prompt at most once per step): `update`, `store_responses`, `stored_responses`. Entries travel to
   their owner (and answers back) with `all_to_all_single`.
-`group=None` means a single process and no collectives.
+`group=None` means a single process and no collectives. The group must carry CPU tensors (gloo):
+on GPU, hand in Megatron's gloo data-parallel group, not the NCCL one.
 
 Checkpoints (`save` / `load`) write one shard per rank atomically plus a manifest; a checkpoint
 written at any DP size loads at any other (each rank keeps the keys it owns under the new size),
@@ -235,6 +236,12 @@ class ValueStore:
         if group is None:
             self.dp_size, self.dp_rank = 1, 0
         else:
+            if torch.distributed.get_backend(group) == "nccl":
+                # the store's arrays live in host memory; NCCL moves only GPU tensors
+                raise ValueError(
+                    "ValueStore needs a process group that carries CPU tensors (gloo); on GPU pass "
+                    "Megatron's gloo data-parallel group (parallel_state.get_data_parallel_group_gloo())"
+                )
             self.dp_size = torch.distributed.get_world_size(group)
             self.dp_rank = torch.distributed.get_rank(group)
         keys = np.asarray(keys, dtype=np.int64)
