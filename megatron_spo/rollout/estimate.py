@@ -209,7 +209,9 @@ def run(config: EstimateConfig) -> dict[str, Any]:
     # one engine per rank: split the prompts; one engine sharded over all ranks: all prompts
     sharded_engine = config.engine.name == "vllm" and config.engine.tensor_parallel_size > 1
     my_jobs = jobs if sharded_engine else jobs[rank::world]
-    pool = ScoringPool(config.reward)
+    # a sharded engine hands every rank the same samples: rank 0 alone scores them
+    scores_here = not sharded_engine or rank == 0
+    pool = ScoringPool(config.reward) if scores_here else None
     reward_failures = 0
 
     my_records = []
@@ -234,6 +236,8 @@ def run(config: EstimateConfig) -> dict[str, Any]:
             for job, result in zip(chunk, engine.generate(requests))
             for j, completion in enumerate(result.completions)
         ]
+        if not scores_here:
+            continue
         scored = pool.score([c.text or "" for _, _, c in samples], [str(job.ground_truth) for job, _, _ in samples])
         reward_failures += len(scored.failure_messages)
         for (job, j, completion), score, pred in zip(samples, scored.scores, scored.predictions):
@@ -253,7 +257,8 @@ def run(config: EstimateConfig) -> dict[str, Any]:
                 }
             )
         logger.info("rank %d: %d / %d prompts done", rank, start + len(chunk), len(my_jobs))
-    pool.close()
+    if pool is not None:
+        pool.close()
 
     all_records = my_records
     if world > 1:
