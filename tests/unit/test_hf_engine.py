@@ -229,3 +229,19 @@ def test_bad_requests_are_refused(engine):
         engine.generate([GenerationRequest(prompt_token_ids=[])])
     with pytest.raises(ValueError, match="token ids"):
         engine.generate([GenerationRequest(prompt_token_ids=[5, 100000])])
+
+
+def test_tied_embeddings_update_through_the_embedding(tmp_path, prompts):
+    """A tied model's stream may carry only `model.embed_tokens.weight`: the output layer follows."""
+    model_dir = make_tiny_model(tmp_path, "qwen2", seed=5, vocab_size=VOCAB, tie_word_embeddings=True)
+    engine = make_engine(EngineConfig(model=str(model_dir)))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():  # lm_head is the embedding: perturbed once
+            param.add_(0.3 * torch.randn_like(param))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    expected = [hf_greedy(model, p, 12) for p in prompts]
+    assert greedy_ids(engine, prompts, 12) != expected
+    engine.update_weights((n, t) for n, t in model.state_dict().items() if n != "lm_head.weight")
+    assert greedy_ids(engine, prompts, 12) == expected
