@@ -59,7 +59,7 @@ class _Sequence:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
-    stop_text_end: int | None = None
+    stopped_by_string: bool = False
 
 
 def sampling_logprobs(
@@ -278,7 +278,7 @@ class HFEngine(RolloutEngine):
             new_chars = len(tail_text) - len(self.tokenizer.decode(tail[:-1], skip_special_tokens=True))
             if new_chars > 0 and find_stop_string(tail_text, seq.params.stop, new_chars) is not None:
                 seq.finish_reason = "stop"
-                seq.stop_text_end = -1  # resolved on the full text in _completion
+                seq.stopped_by_string = True  # the text is cut in _completion
                 return
         if len(seq.token_ids) >= seq.params.max_tokens:
             seq.finish_reason = "length"
@@ -289,7 +289,7 @@ class HFEngine(RolloutEngine):
         text = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.token_ids, skip_special_tokens=True)
-            if seq.stop_text_end is not None:
+            if seq.stopped_by_string:  # cut right after the (first) stop string
                 end = find_stop_string(text, seq.params.stop, len(text))
                 text = text if end is None else text[:end]
         return Completion(
