@@ -9,7 +9,7 @@ EXTRAS ?= dev,rewards,observe
 # `make test` installs it (~4 min, 3.7 GB) and runs the vLLM tests there; VLLM_TESTS=0 skips them.
 VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
-VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/distributed/test_weight_sync_vllm.py
+VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
 
 .PHONY: install install-vllm test test-vllm test-fast demo bench clean
 
