@@ -1,6 +1,6 @@
-"""`values estimate --engine vllm`: the seeds' layout written from the vLLM engine (the 2-rank
-runs, rollout TP=1 per rank and TP=2, were checked by hand to give this same file). Skipped where
-vLLM is not installed."""
+"""`values estimate --engine vllm`: the seeds' layout written from the vLLM engine, single process.
+(Under torchrun, 2 ranks at rollout TP=1 per rank and at TP=2 were run by hand on a 6-prompt file
+and wrote byte-identical files; not in CI.) Skipped where vLLM is not installed."""
 
 from __future__ import annotations
 
