@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -148,13 +149,17 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
 def load_mcore_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
     """Load a checkpoint written at any TP/PP into these chunks (collective over all ranks)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     ckpt_dir = Path(ckpt_dir)
     read_checkpoint_meta(ckpt_dir)
     sharded = _sharded_state_dict(chunks)
     try:
-        loaded = dist_checkpointing.load(sharded, str(ckpt_dir / MODEL_SUBDIR))
-    except Exception as err:  # noqa: BLE001 - torch.distributed.checkpoint raises many types
+        with warnings.catch_warnings():  # torch.distributed.checkpoint's ShardedTensor deprecations
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = dist_checkpointing.load(sharded, str(ckpt_dir / MODEL_SUBDIR))
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP's error is a BaseException
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"checkpoint {ckpt_dir} is corrupt or truncated: {first_line}") from err
     for i, chunk in enumerate(chunks):

@@ -79,6 +79,7 @@ def main(argv: list[str]) -> int:
     dtype = ckpt.parse_dtype(args.dtype) if args.dtype else (_source_dtype(side_dir) or torch.float32)
 
     start = time.perf_counter()
+    owns_process_group = not torch.distributed.is_initialized()
     parallel = platform.init_distributed(args.tp, args.pp)
     try:
         spec, chunks, bridge = ckpt.load_pretrained(source, parallel, dtype=dtype)
@@ -95,7 +96,8 @@ def main(argv: list[str]) -> int:
         if parallel.world_size > 1:
             torch.distributed.barrier()
     finally:
-        platform.destroy_distributed()
+        if owns_process_group:
+            platform.destroy_distributed()
     if parallel.rank == 0:
         print(
             f"converted {spec.architecture} {source} -> {args.out} ({args.direction}, TP={args.tp}, "
