@@ -1,0 +1,56 @@
+"""`megatron-spo train --config FILE.yaml [dotted.key=value ...]`: RL post-training.
+
+Launch with torchrun at any scale:
+
+    torchrun --nproc_per_node 2 -m megatron_spo train --config examples/cpu/spo.yaml total_steps=50
+
+The run directory (`run_dir`) receives config.yaml (the effective config), metrics.jsonl,
+TensorBoard events, checkpoints/ (resumed automatically from the latest complete one) and, at the
+end, hf/ (the trained model as a Hugging Face directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megatron_spo.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="megatron-spo train", description=__doc__.split("\n\n")[0],
+        epilog="Every config key can be overridden as dotted.key=value; `--show-config` lists them.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML file with the TrainConfig sections")
+    parser.add_argument("--show-config", action="store_true", help="list every config key with its default and stop")
+    parser.add_argument("--no-export", action="store_true", help="do not write RUN_DIR/hf at the end")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    args = parser.parse_args(argv)
+    from megatron_spo.training.config import TrainConfig, load_train_config
+
+    if args.show_config:
+        from megatron_spo.config import describe
+
+        print("\n".join(describe(TrainConfig)))
+        return 0
+    if args.config is not None and not args.config.is_file():
+        raise UserError(f"config file {args.config} does not exist")
+    config = load_train_config(str(args.config) if args.config else None, args.overrides)
+    from megatron_spo import platform
+    from megatron_spo.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        last = trainer.fit()
+        if config.checkpoint.export_hf and not args.no_export:
+            out = trainer.export_hf(Path(config.run_dir) / "hf")
+            if trainer.is_main:
+                print(f"exported {out}", file=sys.stderr)
+        if trainer.is_main and last:
+            print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()) if "/" in k), file=sys.stderr)
+    finally:
+        trainer.close()
+        platform.destroy_distributed()
+    return 0
