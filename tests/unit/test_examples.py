@@ -1,0 +1,112 @@
+"""The shipped examples stay valid: every YAML loads strictly into TrainConfig (with the files it
+names present) and fits the launch it is written for; every shell script parses; the scripts name
+configs that exist; the Qwen3-8B recipe holds the authors' numbers."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_spo.errors import UserError
+from megatron_spo.training.config import load_train_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CONFIGS = sorted(EXAMPLES.rglob("*.yaml"))
+SCRIPTS = sorted(p for p in EXAMPLES.rglob("*") if p.suffix in (".sh", ".slurm"))
+# ranks each example is launched with (its run script's default)
+WORLD_SIZE = {"cpu": 2, "gpu_node": 8, "multinode": 32, "qwen3_8b_dapo": 8}
+
+
+def _named_files(raw: dict) -> tuple[list[str], list[str]]:
+    """(model directories, data / value files) a config refers to."""
+    models = [raw["model"]["hf_dir"]]
+    files = list(raw["data"]["train_files"]) + list(raw["data"].get("val_files", []))
+    files += list(raw.get("eval", {}).get("files", []))
+    if raw.get("spo", {}).get("offline_values"):
+        files.append(raw["spo"]["offline_values"])
+    return models, files
+
+
+def _materialise(raw: dict, root: Path) -> None:
+    """Empty stand-ins for what the config names (the real ones are big downloads or built by run.sh)."""
+    models, files = _named_files(raw)
+    for model in models:
+        (root / model).mkdir(parents=True, exist_ok=True)
+        (root / model / "config.json").write_text("{}")
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("")
+
+
+def test_there_are_examples_for_every_launch():
+    assert {p.parent.name for p in CONFIGS} == set(WORLD_SIZE)
+    assert {p.name for p in SCRIPTS} >= {"run.sh", "sbatch.slurm", "offline_values.sh", "eval.sh"}
+
+
+@pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_loads_strictly_and_fits_its_launch(config_path, tmp_path, monkeypatch):
+    raw = yaml.safe_load(config_path.read_text())
+    monkeypatch.chdir(tmp_path)
+    # the files the config names are checked for existence: without them it must not load
+    with pytest.raises(UserError, match=r"does not exist|is not a Hugging Face model directory"):
+        load_train_config(str(config_path))
+    _materialise(raw, tmp_path)
+    config = load_train_config(str(config_path))
+    dp = config.check_world_size(WORLD_SIZE[config_path.parent.name])
+    assert dp >= 1
+    # the loaded values are the file's (no key silently dropped): spot-check every section given
+    assert config.batch.train_batch_size == raw["batch"]["train_batch_size"]
+    assert config.algorithm.name == raw["algorithm"]["name"]
+    assert config.parallel.tp == raw["parallel"]["tp"]
+
+
+def _load_with_stand_ins(config_path: Path, tmp_path: Path, monkeypatch, overrides=()):
+    monkeypatch.chdir(tmp_path)
+    _materialise(yaml.safe_load(config_path.read_text()), tmp_path)
+    return load_train_config(str(config_path), overrides)
+
+
+def test_qwen3_8b_recipe_mirrors_the_authors(tmp_path, monkeypatch):
+    spo = _load_with_stand_ins(EXAMPLES / "qwen3_8b_dapo" / "spo.yaml", tmp_path, monkeypatch)
+    assert (spo.algorithm.name, spo.rollout.n) == ("spo", 1)
+    assert (spo.batch.train_batch_size, spo.batch.mini_batch_size, spo.batch.gen_batch_size) == (768, 96, 14000)
+    assert spo.rollout.max_response_tokens == 16384 and spo.optimizer.lr == 1e-6
+    assert spo.spo.offline_values is not None and spo.rollout.reward.thinking
+    assert (spo.loss.clip_ratio_low, spo.loss.clip_ratio_high, spo.loss.clip_ratio_c) == (0.2, 0.28, 10.0)
+    grpo = _load_with_stand_ins(EXAMPLES / "qwen3_8b_dapo" / "grpo.yaml", tmp_path, monkeypatch)
+    assert (grpo.algorithm.name, grpo.rollout.n, grpo.batch.train_batch_size) == ("grpo", 8, 96)
+    # same sequences per step and optimizer steps per step as SPO
+    assert grpo.batch.train_batch_size * grpo.rollout.n == spo.batch.train_batch_size * spo.rollout.n
+    assert grpo.batch.train_batch_size // grpo.batch.mini_batch_size == spo.batch.train_batch_size // spo.batch.mini_batch_size
+    for same in ("max_response_tokens", "temperature"):
+        assert getattr(grpo.rollout, same) == getattr(spo.rollout, same)
+    assert grpo.optimizer.lr == spo.optimizer.lr and grpo.data.train_files == spo.data.train_files
+    # run.sh's tool switch is a valid override
+    tool = _load_with_stand_ins(EXAMPLES / "qwen3_8b_dapo" / "spo.yaml", tmp_path, monkeypatch,
+                                ["rollout.agent=tool", "run_dir=runs/x"])
+    assert tool.rollout.agent == "tool" and tool.rollout.max_assistant_turns == 8
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_script_parses_and_names_existing_configs(script):
+    checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    repo = EXAMPLES.parent
+    for named in re.findall(r"examples/[\w/]+\.(?:yaml|sh)", text):
+        assert (repo / named).is_file(), f"{script.name} names {named}, which does not exist"
+
+
+def test_multinode_script_takes_the_rendezvous_from_the_environment():
+    text = (EXAMPLES / "multinode" / "run.sh").read_text()
+    for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        assert f'"${var}"' in text, var
+    missing = subprocess.run(["bash", str(EXAMPLES / "multinode" / "run.sh")], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode != 0 and "set NNODES" in missing.stderr
+    assert "srun" in (EXAMPLES / "multinode" / "sbatch.slurm").read_text()
