@@ -13,13 +13,15 @@ if [ ! -f "$ASSETS/model/config.json" ]; then
     "$PYTHON" -c "from megatron_spo.training.demo_data import build_demo_assets; build_demo_assets('$ASSETS')"
 fi
 if [ ! -f "$ASSETS/sft/config.json" ]; then
-    "$PYTHON" -m megatron_spo sft --model "$ASSETS/model" --data "$ASSETS/data/sft.jsonl" --out "$ASSETS/sft"
+    # the demo's warm start: a tiny random model needs a large lr and a few hundred steps
+    "$PYTHON" -m megatron_spo sft --model "$ASSETS/model" --data "$ASSETS/data/sft.jsonl" --out "$ASSETS/sft" \
+        max_steps=400 lr=3e-3
 fi
 
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
     -m megatron_spo train --config examples/cpu/spo.yaml "$@"
 
 for model in "$ASSETS/sft" runs/cpu_example/spo/hf; do
-    "$PYTHON" -m megatron_spo eval --model "$model" --data "$ASSETS/data/val.jsonl" -n 4 --max-tokens 64 \
+    "$PYTHON" -m megatron_spo eval --model "$model" --data "$ASSETS/data/val.jsonl" -n 4 --max-tokens 48 \
         --max-prompt-tokens 128 --out "$model/eval_val.json"
 done

@@ -110,3 +110,19 @@ def test_multinode_script_takes_the_rendezvous_from_the_environment():
                              env={"PATH": "/usr/bin:/bin"})
     assert missing.returncode != 0 and "set NNODES" in missing.stderr
     assert "srun" in (EXAMPLES / "multinode" / "sbatch.slurm").read_text()
+
+
+def test_dockerfile_pins_a_vllm_the_gpu_extra_accepts():
+    from packaging.specifiers import SpecifierSet
+
+    repo = EXAMPLES.parent
+    dockerfile = (repo / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:\$\{NGC_TAG\}-py3$", dockerfile, re.M)
+    assert re.search(r"^ARG NGC_TAG=\d\d\.\d\d$", dockerfile, re.M)
+    pinned = re.search(r"^ARG VLLM_VERSION=(\S+)$", dockerfile, re.M).group(1)
+    setup_text = (repo / "setup.py").read_text()
+    gpu_vllm = re.search(r'"gpu": \["vllm([^"]*)"', setup_text).group(1)
+    assert pinned in SpecifierSet(gpu_vllm), (pinned, gpu_vllm)
+    assert 'pip install -e ".[gpu' in dockerfile
+    ignored = (repo / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "runs"} <= set(ignored)
