@@ -55,6 +55,8 @@ class Rollout:
     responses: list[list[int]]
     texts: list[str]
     finish: list[str]
+    logprobs: list[list[float]]
+    """The engine's log-probs of the sampled tokens (for the training/inference mismatch metric)."""
 
 
 def load_prompts(files: list[str], prompt_key: str, answer_key: str, tokenizer, prompt_config) -> tuple[list[Prompt], int]:
@@ -216,7 +218,7 @@ class Trainer:
             for i in mine
         ]
         results = self.engine.generate(requests) if requests else []
-        rollout = Rollout([], [], [], [], [])
+        rollout = Rollout([], [], [], [], [], [])
         for i, result in zip(mine, results):
             for completion in result.completions:
                 rollout.prompt_index.append(i)
@@ -225,6 +227,7 @@ class Trainer:
                 rollout.texts.append(completion.text if completion.text is not None
                                      else self.tokenizer.decode(completion.token_ids))
                 rollout.finish.append(completion.finish_reason)
+                rollout.logprobs.append(list(completion.logprobs))
         return rollout
 
     def _sequences(self, prompts: list[Prompt], responses: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -268,6 +271,10 @@ class Trainer:
         seq = self._sequences(rollout.prompts, rollout.responses)
         old = self.actor.logprobs(seq["input_ids"], micro_batch_size=cfg.batch.micro_batch_size)["logprobs"]
         mask = seq["response_mask"][:, :-1]
+        engine_lp = torch.zeros_like(old)
+        for row, (p, lps) in enumerate(zip(rollout.prompts, rollout.logprobs)):
+            engine_lp[row, len(p.token_ids) - 1 : len(p.token_ids) - 1 + len(lps)] = torch.tensor(lps)
+        mismatch = self._reduce_sum(torch.stack([((engine_lp - old).abs() * mask).sum(), mask.sum()]))
         if cfg.algorithm.name == "spo":
             p_hat = torch.tensor(p_hat_all[rollout.prompt_index], dtype=torch.float32)
             adv = spo_advantages(rewards, p_hat, mask, eps=cfg.algorithm.spo_advantage_eps,
@@ -304,6 +311,9 @@ class Trainer:
             "advantage/mean": adv_seq.mean().item() if adv_seq.numel() else 0.0,
             "advantage/abs_max": adv_seq.abs().max().item() if adv_seq.numel() else 0.0,
             "data/epoch": float(self.epoch),
+            # |log pi_engine - log pi_actor| per response token: ~0 when the engine runs the same
+            # weights at temperature 1 (a sync bug or a precision gap shows here first)
+            "rollout/logprob_mismatch": mismatch[0].item() / max(mismatch[1].item(), 1.0),
         }
         if p_hat_all is not None:
             metrics.update({"p_hat/mean": float(p_hat_all.mean()), "p_hat/std": float(p_hat_all.std()),
@@ -457,6 +467,7 @@ class Trainer:
                               dtype=self.actor.raw_chunks[0].config.params_dtype, overwrite=True)
         # everything below lands in a temporary sibling first; the state file is written last and
         # its presence is what marks the checkpoint complete
+        _fault_injection_pause(self.step)
         rank_dir = final / "ranks"
         rank_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(rank_dir / f"rank{par.rank:05d}.pt", _torch_bytes({
@@ -586,6 +597,13 @@ def _torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
+
+
+def _fault_injection_pause(step: int) -> None:
+    """Crash-safety testing: with MEGATRON_SPO_FAULT_PAUSE_CHECKPOINT=<step>, the checkpoint of that
+    step stalls for a minute after its model is written, so a test can kill the run mid-write."""
+    if os.environ.get("MEGATRON_SPO_FAULT_PAUSE_CHECKPOINT") == str(step):
+        time.sleep(60)
 
 
 def _barrier(par) -> None:
