@@ -223,7 +223,7 @@ def evaluate(
         "overall": summary_of(graded),
     }
     for field in settings.group_by:
-        values = sorted({str(g[field]) for g in graded if field in g})
+        values = sorted({str(g[field]) for g in graded if field in g}, key=_natural_order)
         if values:
             out[f"by_{field}"] = {
                 v: {"num_prompts": len(rows), **summary_of(rows)}
@@ -232,6 +232,14 @@ def evaluate(
             }
     out["prompts"] = graded
     return out
+
+
+def _natural_order(value: str) -> tuple[int, float, str]:
+    """Numbers first, by value (difficulty 2 before 10), then the rest alphabetically."""
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _vote_key(answer: Any) -> str:

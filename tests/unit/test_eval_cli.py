@@ -80,7 +80,7 @@ def test_metrics_are_exact_for_known_answers(tokenizer):
     assert result["by_data_source"]["s2"] == pytest.approx(
         {"num_prompts": 2, "accuracy": 0.25, "pass@1": 0.25, "pass@2": 5 / 12, "pass@4": 0.5,
          "maj@1": 0.0, "maj@2": 0.0, "maj@4": 0.5})
-    assert result["by_difficulty"].keys() == {"1", "2"}
+    assert list(result["by_difficulty"]) == ["1", "2"]
     assert result["by_difficulty"]["2"] == result["by_data_source"]["s2"]
     assert [p["scores"] for p in result["prompts"]] == [[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0], [0.0] * 4]
     assert result["prompts"][1]["predictions"] == ["41", "42", "42", None]
@@ -112,6 +112,15 @@ def dataclasses_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+def test_groups_are_listed_numbers_first_by_value(tokenizer):
+    records = [dict(r, difficulty=d, data_source=s) for r, d, s in zip(RECORDS, (10, 2, 2), ("b", "a", "10"))]
+    result = eval_cli.evaluate(CannedEngine(tokenizer, ANSWERS), tokenizer, records, eval_cli.EvalSettings(n=1),
+                               reward=INLINE)
+    assert list(result["by_difficulty"]) == ["2", "10"]
+    assert list(result["by_data_source"]) == ["10", "a", "b"]
+    assert result["by_difficulty"]["10"]["accuracy"] == 1.0  # prompt 0's first sample is right
 
 
 def test_evaluate_refuses_records_without_the_answer(tokenizer):
