@@ -302,7 +302,6 @@ class WeightBridge:
         bound = self.bind(chunks)
         by_name = {b.name: b for b in bound}
         plans = self._export_plan(chunks, bound)
-        rules = {**{r.mcore: r for r in self._layer_rules.values()}, **self._global_rules}
         param_dtype = bound[0].param.dtype if bound else torch.float32
         out_dtype = dtype or param_dtype
         elem = torch.empty((), dtype=out_dtype).element_size()
@@ -323,31 +322,135 @@ class WeightBridge:
                 yield batch
             return
 
+        # Every tensor of a bucket lands in one fresh 1-D buffer `out`, already in HF layout: the
+        # tensors yielded are views of it, so they stay valid after later buckets (the weight sync
+        # holds a bucket of the bridge's buckets). At TP > 1 the split shards travel packed in
+        # `gathered` (tp, shard elements of the bucket), a buffer reused for every bucket, and are
+        # copied from there into their HF places once. Replicated tensors (norms) are copied from
+        # the local parameter: TP ranks hold identical copies, so they need no gather.
         pp_ranks = par.pp_ranks
+        gathered_buffer = torch.empty(0, dtype=out_dtype, device=_device_of(bound))
         for stage, plan in enumerate(plans):
-            for entries in _split_by_bytes(plan, bucket_bytes // max(par.tp, 1), elem):
-                numels = [_numel(shape) for *_, shape in entries]
-                total = sum(numels)
-                gathered = torch.empty((par.tp, total), dtype=out_dtype, device=_device_of(bound))
+            for entries in _split_by_bytes(plan, bucket_bytes, elem, par.tp):
+                hf_numels, split_numels = [], []
+                for (_name, _rule, layout, _hf, shape) in entries:
+                    n = _numel(shape)
+                    hf_numels.append(n if layout == "replicated" else n * par.tp)
+                    split_numels.append(0 if layout == "replicated" else n)
+                out = torch.empty(sum(hf_numels), dtype=out_dtype, device=_device_of(bound))
+                places = self._hf_places(entries, out, hf_numels)
                 if par.pp_rank == stage:
-                    send = gathered[par.tp_rank] if par.tp > 1 else gathered[0]
+                    total_split = sum(split_numels)
+                    gathered = None
+                    if par.tp > 1 and total_split:
+                        if gathered_buffer.numel() < par.tp * total_split:
+                            gathered_buffer = torch.empty(
+                                par.tp * total_split, dtype=out_dtype, device=gathered_buffer.device
+                            )
+                        gathered = gathered_buffer[: par.tp * total_split].view(par.tp, total_split)
+                        self._gather_shards(entries, split_numels, by_name, gathered)
                     offset = 0
-                    for (name, *_), n in zip(entries, numels):
-                        send[offset : offset + n].copy_(by_name[name].param.detach().reshape(-1))
-                        offset += n
-                    if par.tp > 1:
-                        torch.distributed.all_gather(
-                            list(gathered.unbind(0)), send.clone(), group=par.tp_group
-                        )
+                    for (name, _rule, layout, _hf, shape), n, targets in zip(entries, split_numels, places):
+                        if gathered is not None and n:
+                            shards = gathered[:, offset : offset + n].view(par.tp, *shape)
+                            offset += n
+                        else:  # replicated, or TP=1: the local parameter is the only shard
+                            shards = by_name[name].param.detach().unsqueeze(0)
+                        self._place_shards(layout, shards, [t for _, t in targets])
                 if par.pp > 1:
-                    torch.distributed.broadcast(gathered, src=pp_ranks[stage], group=par.pp_group)
-                batch = []
-                offset = 0
-                for (name, rule_key, _layout, hf_names, shape), n in zip(entries, numels):
-                    shards = [gathered[t, offset : offset + n].view(shape) for t in range(par.tp)]
-                    batch.extend(self.merge_shards(rules[rule_key], tuple(hf_names), shards))
-                    offset += n
-                yield batch
+                    torch.distributed.broadcast(out, src=pp_ranks[stage], group=par.pp_group)
+                yield [item for targets in places for item in targets]
+
+    def _gather_shards(self, entries, split_numels: list[int], by_name, gathered: torch.Tensor) -> None:
+        """Fill `gathered` (tp, total) with every TP rank's split shards of these entries, packed.
+
+        An all-gather written as TP broadcasts, each straight into its row: gloo's all-gather
+        stages the whole result in a fresh temporary, copies it out and measured 4-7x slower on
+        this machine (bench/bridge.py); a ring broadcast moves about the same bytes on NCCL.
+        """
+        par = self.parallel
+        send = gathered[par.tp_rank]  # (total,) this rank's row
+        offset = 0
+        for (name, *_), n in zip(entries, split_numels):
+            if n:
+                send[offset : offset + n].copy_(by_name[name].param.detach().reshape(-1))
+                offset += n
+        for t in range(par.tp):
+            torch.distributed.broadcast(gathered[t], group=par.tp_group, group_src=t)
+
+    def _hf_places(self, entries, out: torch.Tensor, hf_numels: list[int]) -> list[list[tuple]]:
+        """Per plan entry, `[(hf_name, view of out)]`: consecutive HF-shaped views of `out`."""
+        par = self.parallel
+        places, offset = [], 0
+        for (_name, _rule, layout, hf_names, shape), numel in zip(entries, hf_numels):
+            region = out[offset : offset + numel]
+            offset += numel
+            rest = tuple(shape[1:])
+            if layout == "replicated":
+                targets = [(hf_names[0], region.view(shape))]
+            elif layout == "column":
+                targets = [(hf_names[0], region.view(shape[0] * par.tp, *rest))]
+            elif layout == "row":
+                targets = [(hf_names[0], region.view(shape[0], shape[1] * par.tp))]
+            elif layout == "gate_up":
+                half = numel // 2
+                rows = shape[0] // 2 * par.tp
+                targets = [
+                    (hf_names[0], region[:half].view(rows, *rest)),
+                    (hf_names[1], region[half:].view(rows, *rest)),
+                ]
+            elif layout == "qkv":
+                groups, q_per_group, head_dim = self._qkv_dims()
+                row = _numel(rest)
+                q_rows = par.tp * groups * q_per_group * head_dim
+                kv_rows = par.tp * groups * head_dim
+                q_end, k_end = q_rows * row, (q_rows + kv_rows) * row
+                targets = [
+                    (hf_names[0], region[:q_end].view(q_rows, *rest)),
+                    (hf_names[1], region[q_end:k_end].view(kv_rows, *rest)),
+                    (hf_names[2], region[k_end:].view(kv_rows, *rest)),
+                ]
+            else:
+                raise AssertionError(layout)
+            places.append(targets)
+        return places
+
+    def _place_shards(self, layout: Layout, shards: torch.Tensor, targets: list[torch.Tensor]) -> None:
+        """Copy the TP shards of one parameter, `shards` (tp, *shard_shape), into its HF tensors.
+
+        The inverse of `read_shard`, written as one strided copy per HF tensor (no intermediate
+        `torch.cat`): HF tensors are viewed as (tp, *shard part) so each shard lands in place.
+        """
+        tp = shards.shape[0]
+        if layout == "replicated":
+            targets[0].copy_(shards[0])
+        elif layout == "column":
+            # (tp * rows, *rest) = tp blocks of rows
+            targets[0].view(tp, *shards.shape[1:]).copy_(shards)
+        elif layout == "row":
+            # (rows, tp * cols): shard t holds columns [t * cols, (t + 1) * cols)
+            rows, cols = shards.shape[1:]
+            targets[0].view(rows, tp, cols).copy_(shards.transpose(0, 1))
+        elif layout == "gate_up":
+            # each shard is [gate rows of rank t; up rows of rank t]
+            half = shards.shape[1] // 2
+            for target, part in zip(targets, (shards[:, :half], shards[:, half:])):
+                target.view(tp, half, *shards.shape[2:]).copy_(part)
+        elif layout == "qkv":
+            # each shard is, per KV group of rank t, [q heads of the group; k; v]
+            groups, q_per_group, head_dim = self._qkv_dims()
+            rest = shards.shape[2:]
+            grouped = shards.view(tp, groups, (q_per_group + 2) * head_dim, *rest)
+            q_rows = q_per_group * head_dim
+            parts = (
+                grouped[:, :, :q_rows],
+                grouped[:, :, q_rows : q_rows + head_dim],
+                grouped[:, :, q_rows + head_dim :],
+            )
+            for target, part in zip(targets, parts):
+                target.view(tp, groups, part.shape[2], *rest).copy_(part)
+        else:
+            raise AssertionError(layout)
 
 
 def _numel(shape) -> int:
@@ -361,10 +464,11 @@ def _device_of(bound: list[BoundParam]) -> torch.device:
     return bound[0].param.device if bound else torch.device("cpu")
 
 
-def _split_by_bytes(plan: list[tuple], limit: int, elem: int) -> Iterator[list[tuple]]:
+def _split_by_bytes(plan: list[tuple], limit: int, elem: int, tp: int) -> Iterator[list[tuple]]:
+    """Consecutive plan entries whose full (HF) tensors add up to at most `limit` bytes."""
     bucket, size = [], 0
     for entry in plan:
-        nbytes = _numel(entry[-1]) * elem
+        nbytes = _numel(entry[-1]) * elem * (1 if entry[2] == "replicated" else tp)
         if bucket and size + nbytes > limit:
             yield bucket
             bucket, size = [], 0
