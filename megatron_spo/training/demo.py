@@ -164,5 +164,5 @@ def main(argv: list[str]) -> int:
     gain = summary["accuracy_after"] - summary["accuracy_before"]
     print(f"\nheld-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
           f"({gain * 100:+.1f} points), {summary['wall_seconds']:.0f}s, engine {summary['engine']}")
-    print(f"summary: {args.out / 'summary.json'}   curves: {args.out / 'run' / 'curves.png'}")
+    print(f"summary: {args.out / 'summary.json'}   curves: {args.out / 'run' / 'plots' / 'curves.png'}")
     return 0

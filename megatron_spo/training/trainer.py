@@ -295,7 +295,11 @@ class Trainer:
                                                 scored.metrics.get("reward/failures_error", 0.0)
                                                 + scored.metrics.get("reward/failures_timeout", 0.0)
                                                 + scored.metrics.get("reward/failures_nonfinite", 0.0)]))
-        adv_seq = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)
+        adv_seq = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)  # (N,) per-sequence advantage
+        adv_stats = self._reduce_sum(torch.stack([adv_seq.sum(), torch.tensor(float(adv_seq.numel()))]))
+        adv_abs_max = adv_seq.abs().max() if adv_seq.numel() else torch.zeros(())
+        if self.dp > 1:
+            torch.distributed.all_reduce(adv_abs_max, op=torch.distributed.ReduceOp.MAX, group=par.dp_group)
         metrics = {
             "reward/mean": totals[0].item() / max(totals[1].item(), 1),
             "train/accuracy": totals[2].item() / max(totals[1].item(), 1),
@@ -308,8 +312,8 @@ class Trainer:
             "perf/weight_sync_s": sync.seconds,
             "perf/weight_sync_gb_per_s": sync.gb_per_s,
             "perf/step_s": time.perf_counter() - t0,
-            "advantage/mean": adv_seq.mean().item() if adv_seq.numel() else 0.0,
-            "advantage/abs_max": adv_seq.abs().max().item() if adv_seq.numel() else 0.0,
+            "advantage/mean": adv_stats[0].item() / max(adv_stats[1].item(), 1.0),
+            "advantage/abs_max": adv_abs_max.item(),
             "data/epoch": float(self.epoch),
             # |log pi_engine - log pi_actor| per response token: ~0 when the engine runs the same
             # weights at temperature 1 (a sync bug or a precision gap shows here first)
