@@ -41,7 +41,7 @@ def main() -> None:
     from megatron_spo.training.actor import Actor, lm_loss
     from megatron_spo.training.demo_data import DemoTaskConfig, build_demo_assets
     from megatron_spo.training.sft import (
-        SFTConfig, _optimizer_settings, build_dataset, load_tokenizer, make_microbatches, step_indices,
+        SFTConfig, optimizer_settings, build_dataset, load_tokenizer, make_microbatches, step_indices,
     )
 
     tmp = tempfile.mkdtemp(prefix="bench_sft_")
@@ -58,7 +58,7 @@ def main() -> None:
 
     parallel = platform.init_distributed(1, 1)
     spec, chunks, bridge = load_pretrained(assets.model_dir, parallel)
-    actor = Actor(spec, chunks, bridge, parallel, _optimizer_settings(config, total))
+    actor = Actor(spec, chunks, bridge, parallel, optimizer_settings(config, total))
     hf_model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32)
     hf_model.train()
     hf_optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-3, weight_decay=0.0)

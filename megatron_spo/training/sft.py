@@ -298,7 +298,7 @@ def load_tokenizer(model_dir: str | Path):
 # ----------------------------------------------------------------------------- training
 
 
-def _optimizer_settings(config: SFTConfig, steps: int):
+def optimizer_settings(config: SFTConfig, steps: int):
     from megatron_spo.training.actor import OptimizerSettings
 
     decays = config.schedule != "constant" and steps > config.warmup_steps
@@ -364,7 +364,7 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
 
     platform.seed_everything(config.seed, tp_rank=parallel.tp_rank, pp_rank=parallel.pp_rank)
     spec, chunks, bridge = load_pretrained(config.model, parallel, dtype=dtype, seed=config.seed)
-    actor = Actor(spec, chunks, bridge, parallel, _optimizer_settings(config, steps))
+    actor = Actor(spec, chunks, bridge, parallel, optimizer_settings(config, steps))
 
     metrics_path = config.metrics_path
     metrics_file = None
@@ -383,6 +383,7 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
             global_batch = step_indices(len(dataset.examples), config.global_batch_size, step, config.seed)
             local = [dataset.examples[i] for i in dp_shard(global_batch, parallel.dp_rank, parallel.dp)]
             microbatches = make_microbatches(local, config.micro_batch_size, pad_id, same_width=parallel.pp > 1)
+            lr = actor.optimizer.param_groups[0]["lr"]  # train_step reports the next step's rate
             result = actor.train_step(microbatches, lm_loss)
             seconds = time.perf_counter() - step_start
             # every rank knows the whole global batch, so the token count needs no communication
@@ -395,7 +396,7 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
                 "tokens_per_s": tokens / seconds,
                 "step_seconds": seconds,
                 "grad_norm": result["grad_norm"],
-                "lr": result["lr"],
+                "lr": lr,
                 "skipped": result["skipped"],
             }
             history.append(record)
