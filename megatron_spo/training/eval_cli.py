@@ -326,7 +326,9 @@ def main(argv: list[str]) -> int:
     from megatron_spo.rollout.engine import EngineConfig, make_engine
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # progress lines from megatron-spo only: Megatron's import-time INFO chatter is noise here
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron_spo").setLevel(logging.INFO)
     started = time.perf_counter()
     if not Path(args.data).is_file():
         raise UserError(f"--data: {args.data} is not a file")
