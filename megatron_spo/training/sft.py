@@ -201,10 +201,12 @@ def build_dataset(config: SFTConfig, tokenizer) -> SFTDataset:
     built = build_prompts(prompts, tokenizer, config.prompt)
     examples, truncated = [], built.num_truncated
     skipped = len(built.skipped)
-    for prompt in built.prompts:
-        response_ids = tokenizer.encode(responses[prompt.index], add_special_tokens=False)
+    # one batched call: the fast tokenizer encodes the list in Rust, far quicker than a loop
+    kept_responses = [responses[prompt.index] for prompt in built.prompts]
+    response_ids = tokenizer(kept_responses, add_special_tokens=False)["input_ids"] if kept_responses else []
+    for prompt, ids in zip(built.prompts, response_ids):
         example, was_truncated = encode_example(
-            prompt.token_ids, response_ids, tokenizer.eos_token_id, max_length=config.max_length,
+            prompt.token_ids, ids, tokenizer.eos_token_id, max_length=config.max_length,
             overlong=config.overlong, where=origins[prompt.index],
         )
         skipped += example is None

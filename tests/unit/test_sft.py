@@ -122,3 +122,14 @@ def test_bad_input_is_one_line_naming_the_problem(tiny_model_dir, tmp_path, caps
     assert "global_batch_size must be >= 1" in _cli_error(capsys, base + ["--data", good, "global_batch_size=0"])
     assert not (tmp_path / "out").exists()
     assert not torch.distributed.is_initialized()  # refused before any process group
+
+
+def test_step_budget_from_epochs_or_max_steps_and_the_schedule(tiny_model_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}])
+    common = dict(model=str(tiny_model_dir), data_files=[data], out=str(tmp_path / "out"), global_batch_size=4)
+    assert sft.total_steps(sft.SFTConfig(**common, epochs=2.5), num_examples=10) == 7  # ceil(25 / 4)
+    assert sft.total_steps(sft.SFTConfig(**common, epochs=2.5, max_steps=3), num_examples=10) == 3
+    cosine = sft.optimizer_settings(sft.SFTConfig(**common, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1), steps=10)
+    assert (cosine.decay_steps, cosine.decay_style, cosine.min_lr, cosine.warmup_steps) == (8, "cosine", 1e-4, 2)
+    assert sft.optimizer_settings(sft.SFTConfig(**common, schedule="constant"), steps=10).decay_steps is None
+    assert sft.SFTConfig(**common).metrics_path == tmp_path / "sft_metrics.jsonl"
