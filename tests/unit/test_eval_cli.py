@@ -179,26 +179,37 @@ def test_cli_prints_a_table_and_writes_consistent_json(tmp_path, data_file, mode
     assert result["by_data_source"]["s1"]["num_prompts"] == 1
 
 
-def _evaluate_on_rank(rank, world_size, tokenizer_dir):
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
+class CharTokenizer:
+    """One token per character, no chat template: enough for build_prompts and CannedEngine, and
+    spares each spawned rank the transformers import."""
 
-    # evaluate() needs only a gloo group; a plain one spares each rank Megatron's import (~15 s
-    # on a loaded 2-core machine), which platform.init_distributed would pay
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(map(chr, ids))
+
+
+def _evaluate_on_rank(rank, world_size):
+    import torch.distributed as dist
+
+    # evaluate() needs only a process group; a plain gloo one spares each rank Megatron's import
+    # (~15 s on a loaded 2-core machine), which platform.init_distributed would pay
     dist.init_process_group("gloo")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    engine = CannedEngine(tokenizer, ANSWERS)
-    result = eval_cli.evaluate(engine, tokenizer, RECORDS, eval_cli.EvalSettings(n=4, ks=[1, 2, 4]), reward=INLINE,
-                               rank=rank, world_size=world_size, group=dist.group.WORLD)
+    engine = CannedEngine(CharTokenizer(), ANSWERS)
+    result = eval_cli.evaluate(engine, CharTokenizer(), RECORDS, eval_cli.EvalSettings(n=4, ks=[1, 2, 4]),
+                               reward=INLINE, rank=rank, world_size=world_size, group=dist.group.WORLD)
     return result, [question for question, *_ in engine.seen]
 
 
 @pytest.mark.distributed
-def test_two_ranks_split_the_prompts_and_report_what_one_rank_reports(spawn, tmp_path, tokenizer):
-    tokenizer.save_pretrained(tmp_path / "tok")
-    single = eval_cli.evaluate(CannedEngine(tokenizer, ANSWERS), tokenizer, RECORDS,
+def test_two_ranks_split_the_prompts_and_report_what_one_rank_reports(spawn):
+    single = eval_cli.evaluate(CannedEngine(CharTokenizer(), ANSWERS), CharTokenizer(), RECORDS,
                                eval_cli.EvalSettings(n=4, ks=[1, 2, 4]), reward=INLINE)
-    (rank0, seen0), (rank1, seen1) = spawn(2, _evaluate_on_rank, str(tmp_path / "tok"))
+    assert single["overall"]["maj@4"] == pytest.approx(2 / 3)  # the hand-checked case above
+    (rank0, seen0), (rank1, seen1) = spawn(2, _evaluate_on_rank)
     assert seen0 == [RECORDS[0]["prompt"], RECORDS[2]["prompt"]] and seen1 == [RECORDS[1]["prompt"]]
     assert rank1 == {} and rank0 == single
 
