@@ -32,7 +32,7 @@ from megatron_spo.errors import UserError
 
 @dataclasses.dataclass(kw_only=True)
 class DemoSettings:
-    sft_steps: int = 400
+    sft_steps: int = 800
     """SFT optimizer steps (batch 32): enough for the format, not for clean arithmetic."""
     sft_lr: float = 3e-3
     rl_steps: int = 150
