@@ -322,47 +322,68 @@ class WeightBridge:
                 yield batch
             return
 
-        # Every tensor of a bucket lands in one fresh 1-D buffer `out`, already in HF layout: the
-        # tensors yielded are views of it, so they stay valid after later buckets (the weight sync
-        # holds a bucket of the bridge's buckets). At TP > 1 the split shards travel packed in
-        # `gathered` (tp, shard elements of the bucket), a buffer reused for every bucket, and are
-        # copied from there into their HF places once. Replicated tensors (norms) are copied from
-        # the local parameter: TP ranks hold identical copies, so they need no gather.
+        # Each HF tensor is a fresh tensor (at PP > 1 a view of its bucket's fresh buffer `out`),
+        # already in HF layout, so tensors stay valid after later buckets (the weight sync holds a
+        # bucket of the bridge's buckets). At TP > 1 the split shards travel packed in `gathered`
+        # (tp, shard elements of the bucket) and are copied from there into their HF places once;
+        # the gather of the next bucket runs while this one is placed and consumed (two gather
+        # buffers, reused for every bucket). Replicated tensors (norms) are copied from the local
+        # parameter: TP ranks hold identical copies, so they need no gather.
         pp_ranks = par.pp_ranks
-        gathered_buffer = torch.empty(0, dtype=out_dtype, device=_device_of(bound))
+        buckets = []  # (stage, entries, split numel per entry, HF numel per entry)
         for stage, plan in enumerate(plans):
             for entries in _split_by_bytes(plan, bucket_bytes, elem, par.tp):
-                hf_numels, split_numels = [], []
-                for (_name, _rule, layout, _hf, shape) in entries:
-                    n = _numel(shape)
-                    hf_numels.append(n if layout == "replicated" else n * par.tp)
-                    split_numels.append(0 if layout == "replicated" else n)
-                out = torch.empty(sum(hf_numels), dtype=out_dtype, device=_device_of(bound))
-                places = self._hf_places(entries, out, hf_numels)
-                if par.pp_rank == stage:
-                    total_split = sum(split_numels)
-                    gathered = None
-                    if par.tp > 1 and total_split:
-                        if gathered_buffer.numel() < par.tp * total_split:
-                            gathered_buffer = torch.empty(
-                                par.tp * total_split, dtype=out_dtype, device=gathered_buffer.device
-                            )
-                        gathered = gathered_buffer[: par.tp * total_split].view(par.tp, total_split)
-                        self._gather_shards(entries, split_numels, by_name, gathered)
-                    offset = 0
-                    for (name, _rule, layout, _hf, shape), n, targets in zip(entries, split_numels, places):
-                        if gathered is not None and n:
-                            shards = gathered[:, offset : offset + n].view(par.tp, *shape)
-                            offset += n
-                        else:  # replicated, or TP=1: the local parameter is the only shard
-                            shards = by_name[name].param.detach().unsqueeze(0)
-                        self._place_shards(layout, shards, [t for _, t in targets])
-                if par.pp > 1:
-                    torch.distributed.broadcast(out, src=pp_ranks[stage], group=par.pp_group)
-                yield [item for targets in places for item in targets]
+                shard_numels = [_numel(shape) for *_, shape in entries]
+                split = [0 if e[2] == "replicated" else n for e, n in zip(entries, shard_numels)]
+                hf = [n if e[2] == "replicated" else n * par.tp for e, n in zip(entries, shard_numels)]
+                buckets.append((stage, entries, split, hf))
+        # the buckets this rank gathers over TP, in order; the j-th uses gather buffer j % 2
+        to_gather = [k for k, b in enumerate(buckets) if b[0] == par.pp_rank and par.tp > 1 and sum(b[2])]
+        gather_index = {k: j for j, k in enumerate(to_gather)}
+        buffers = [torch.empty(0, dtype=out_dtype, device=_device_of(bound)) for _ in range(2)]
+        pending: dict[int, tuple[torch.Tensor, list]] = {}  # bucket -> (gathered, work handles)
 
-    def _gather_shards(self, entries, split_numels: list[int], by_name, gathered: torch.Tensor) -> None:
-        """Fill `gathered` (tp, total) with every TP rank's split shards of these entries, packed.
+        def start_gather(j: int) -> None:
+            _stage, entries, split, _hf = buckets[to_gather[j]]
+            slot = j % 2
+            total = sum(split)
+            if buffers[slot].numel() < par.tp * total:
+                buffers[slot] = torch.empty(par.tp * total, dtype=out_dtype, device=buffers[slot].device)
+            gathered = buffers[slot][: par.tp * total].view(par.tp, total)
+            pending[to_gather[j]] = (gathered, self._gather_shards(entries, split, by_name, gathered))
+
+        for k, (stage, entries, split, hf_numels) in enumerate(buckets):
+            # PP > 1: the stage's bucket is broadcast as one buffer, which the tensors then view
+            out = None
+            if par.pp > 1:
+                out = torch.empty(sum(hf_numels), dtype=out_dtype, device=_device_of(bound))
+            places = self._hf_places(entries, out, out_dtype, _device_of(bound))
+            if par.pp_rank == stage:
+                gathered = None
+                if k in gather_index:
+                    j = gather_index[k]
+                    if k not in pending:  # the first; later ones were started a bucket ahead
+                        start_gather(j)
+                    if j + 1 < len(to_gather):
+                        start_gather(j + 1)  # overlaps this bucket's placing and consumption
+                    gathered, works = pending.pop(k)
+                    for work in works:
+                        work.wait()
+                offset = 0
+                for (name, _rule, layout, _hf, shape), n, targets in zip(entries, split, places):
+                    if gathered is not None and n:
+                        shards = gathered[:, offset : offset + n].view(par.tp, *shape)
+                        offset += n
+                    else:  # replicated, or TP=1: the local parameter is the only shard
+                        shards = by_name[name].param.detach().unsqueeze(0)
+                    self._place_shards(layout, shards, [t for _, t in targets])
+            if par.pp > 1:
+                torch.distributed.broadcast(out, src=pp_ranks[stage], group=par.pp_group)
+            yield [item for targets in places for item in targets]
+
+    def _gather_shards(self, entries, split_numels: list[int], by_name, gathered: torch.Tensor) -> list:
+        """Start filling `gathered` (tp, total) with every TP rank's split shards of these entries,
+        packed; returns the collectives' work handles to wait on.
 
         An all-gather written as TP broadcasts, each straight into its row: gloo's all-gather
         stages the whole result in a fresh temporary, copies it out and measured 4-7x slower on
@@ -375,43 +396,45 @@ class WeightBridge:
             if n:
                 send[offset : offset + n].copy_(by_name[name].param.detach().reshape(-1))
                 offset += n
-        for t in range(par.tp):
-            torch.distributed.broadcast(gathered[t], group=par.tp_group, group_src=t)
+        return [
+            torch.distributed.broadcast(gathered[t], group=par.tp_group, group_src=t, async_op=True)
+            for t in range(par.tp)
+        ]
 
-    def _hf_places(self, entries, out: torch.Tensor, hf_numels: list[int]) -> list[list[tuple]]:
-        """Per plan entry, `[(hf_name, view of out)]`: consecutive HF-shaped views of `out`."""
-        par = self.parallel
+    def _hf_shapes(self, layout: Layout, shard_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Shapes of the HF tensors one parameter's TP shards (each `shard_shape`) make up."""
+        tp = self.parallel.tp
+        rows, rest = shard_shape[0], tuple(shard_shape[1:])
+        if layout == "replicated":
+            return [tuple(shard_shape)]
+        if layout == "column":
+            return [(rows * tp, *rest)]
+        if layout == "row":
+            return [(rows, rest[0] * tp)]
+        if layout == "gate_up":
+            return [(rows // 2 * tp, *rest)] * 2
+        if layout == "qkv":
+            groups, q_per_group, head_dim = self._qkv_dims()
+            kv_rows = tp * groups * head_dim
+            return [(kv_rows * q_per_group, *rest), (kv_rows, *rest), (kv_rows, *rest)]
+        raise AssertionError(layout)
+
+    def _hf_places(self, entries, out: torch.Tensor | None, dtype, device) -> list[list[tuple]]:
+        """Per plan entry, `[(hf_name, empty HF tensor)]`: consecutive views of `out` when given
+        (it must hold them all), else one fresh tensor each."""
         places, offset = [], 0
-        for (_name, _rule, layout, hf_names, shape), numel in zip(entries, hf_numels):
-            region = out[offset : offset + numel]
-            offset += numel
-            rest = tuple(shape[1:])
-            if layout == "replicated":
-                targets = [(hf_names[0], region.view(shape))]
-            elif layout == "column":
-                targets = [(hf_names[0], region.view(shape[0] * par.tp, *rest))]
-            elif layout == "row":
-                targets = [(hf_names[0], region.view(shape[0], shape[1] * par.tp))]
-            elif layout == "gate_up":
-                half = numel // 2
-                rows = shape[0] // 2 * par.tp
-                targets = [
-                    (hf_names[0], region[:half].view(rows, *rest)),
-                    (hf_names[1], region[half:].view(rows, *rest)),
-                ]
-            elif layout == "qkv":
-                groups, q_per_group, head_dim = self._qkv_dims()
-                row = _numel(rest)
-                q_rows = par.tp * groups * q_per_group * head_dim
-                kv_rows = par.tp * groups * head_dim
-                q_end, k_end = q_rows * row, (q_rows + kv_rows) * row
-                targets = [
-                    (hf_names[0], region[:q_end].view(q_rows, *rest)),
-                    (hf_names[1], region[q_end:k_end].view(kv_rows, *rest)),
-                    (hf_names[2], region[k_end:].view(kv_rows, *rest)),
-                ]
-            else:
-                raise AssertionError(layout)
+        for (_name, _rule, layout, hf_names, shape) in entries:
+            targets = []
+            for hf_name, hf_shape in zip(hf_names, self._hf_shapes(layout, tuple(shape))):
+                if out is None:
+                    # one allocation per tensor, as a plain copy of the tensor would make: the
+                    # allocator recycles the memory of tensors the consumer let go (a fresh bucket
+                    # -sized buffer would be fresh pages each time, costly to fault in on CPUs)
+                    targets.append((hf_name, torch.empty(hf_shape, dtype=dtype, device=device)))
+                else:
+                    numel = _numel(hf_shape)
+                    targets.append((hf_name, out[offset : offset + numel].view(hf_shape)))
+                    offset += numel
             places.append(targets)
         return places
 

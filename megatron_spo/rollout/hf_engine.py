@@ -31,6 +31,7 @@ import torch
 
 from megatron_spo import platform
 from megatron_spo.rollout.engine import EngineConfig, find_stop_string
+from megatron_spo.rollout.prompts import load_tokenizer
 from megatron_spo.rollout.types import (
     Completion,
     GenerationRequest,
@@ -127,7 +128,7 @@ class HFEngine(RolloutEngine):
             model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         self.model = model.to(self.device).eval()
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+            self.tokenizer = load_tokenizer(model_dir)
         except (OSError, ValueError):
             self.tokenizer = None  # token ids in, token ids out; stop strings unavailable
         self.eos_token_ids = _eos_token_ids(model_dir, hf_config, self.tokenizer)

@@ -140,3 +140,21 @@ def build_prompts(prompts: Sequence[Any], tokenizer, config: PromptConfig) -> Pr
             num_truncated += 1
         built.append(BuiltPrompt(index=index, text=text, token_ids=token_ids, truncated=truncated))
     return PromptBatch(prompts=built, skipped=skipped, num_truncated=num_truncated)
+
+
+def load_tokenizer(model_dir):
+    """The tokenizer saved with a model, as its own class when saved as a plain `tokenizers` file.
+
+    `AutoTokenizer` would substitute the architecture's tokenizer class (e.g. `Qwen2Tokenizer`)
+    and its pre-tokenizer, which changes how a custom vocabulary splits text.
+    """
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    saved_class = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
+    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir))

@@ -264,6 +264,13 @@ def format_table(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
+def _comma_separated_ints(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = EvalSettings()
     prompt_defaults = PromptConfig()
@@ -291,20 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="default %(default)s")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="default %(default)s")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="default %(default)s (-1 disables)")
-    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="response cap (default %(default)s)")
-    parser.add_argument("--ks", type=lambda s: [int(k) for k in s.split(",")], default=None,
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                        help="response cap (default %(default)s)")
+    parser.add_argument("--ks", type=_comma_separated_ints, default=None,
                         help="comma-separated k of pass@k / maj@k (default 1,2,4,...,N)")
     parser.add_argument("--out", default=None, help="write the result JSON here (atomically)")
-    parser.add_argument("--prompt-key", default=None, help="record field of the prompt (default: prompt|question|problem)")
+    parser.add_argument("--prompt-key", default=None,
+                        help="record field of the prompt (default: prompt|question|problem)")
     parser.add_argument("--answer-key", default=None,
                         help="record field of the ground truth, dots reach into dicts "
                              "(default: reward_model.ground_truth|ground_truth|answer|solution)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=prompt_defaults.max_prompt_tokens, help="default %(default)s")
+    parser.add_argument("--max-prompt-tokens", type=int, default=prompt_defaults.max_prompt_tokens,
+                        help="default %(default)s")
     parser.add_argument("--overlong", choices=("skip", "truncate", "error"), default=prompt_defaults.overlong,
                         help="longer prompts are skipped (counted), truncated (counted) or an error")
     parser.add_argument("--answer-suffix", default=prompt_defaults.answer_format_suffix,
                         help="appended to each user prompt; '' disables (default: %(default)r)")
-    parser.add_argument("--chat-template", choices=("auto", "always", "never"), default=prompt_defaults.use_chat_template,
+    parser.add_argument("--chat-template", choices=("auto", "always", "never"),
+                        default=prompt_defaults.use_chat_template,
                         help="use the tokenizer's chat template (default %(default)s: when it has one)")
     parser.add_argument("--reward-function", default=reward_defaults.function,
                         help="reward as package.module:function (default %(default)s)")
@@ -316,9 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a response is correct when its score is at least this (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     parser.add_argument("--dtype", default="float32", help="engine weights dtype (default %(default)s)")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once (default %(default)s)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="prompt + response tokens (default: the model's)")
-    parser.add_argument("--prompts-per-call", type=int, default=defaults.prompts_per_call, help="default %(default)s")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="sequences decoded at once (default %(default)s)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt + response tokens (default: the model's)")
+    parser.add_argument("--prompts-per-call", type=int, default=defaults.prompts_per_call,
+                        help="default %(default)s")
     return parser
 
 

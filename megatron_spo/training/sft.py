@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.prompts import load_tokenizer  # noqa: F401  (re-exported for the CLI)
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -283,18 +284,6 @@ def total_steps(config: SFTConfig, num_examples: int) -> int:
     if config.max_steps is not None:
         return config.max_steps
     return max(1, math.ceil(config.epochs * num_examples / config.global_batch_size))
-
-
-def load_tokenizer(model_dir: str | Path):
-    """The tokenizer saved with the model, as its own class when saved as a plain tokenizers
-    file (AutoTokenizer would swap in the architecture's class and its pre-tokenizer)."""
-    import transformers
-
-    config_path = Path(model_dir) / "tokenizer_config.json"
-    saved_class = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
-    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    return transformers.AutoTokenizer.from_pretrained(str(model_dir))
 
 
 # ----------------------------------------------------------------------------- training

@@ -30,6 +30,7 @@ import torch
 
 from megatron_spo import atomic, platform
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.prompts import load_tokenizer
 from megatron_spo.training.config import TrainConfig
 
 STATE_FILE = "trainer_state.json"
@@ -80,19 +81,6 @@ def load_prompts(files: list[str], prompt_key: str, answer_key: str, tokenizer, 
         for b in built.prompts
     ]
     return prompts, len(built.skipped)
-
-
-def load_tokenizer(model_dir: str):
-    """The tokenizer saved with the model (its own class when it is a plain tokenizers file)."""
-    import transformers
-
-    config_path = Path(model_dir) / "tokenizer_config.json"
-    saved_class = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
-    if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        # AutoTokenizer would substitute the architecture's tokenizer class (e.g. Qwen2Tokenizer)
-        # and its pre-tokenizer, which changes how a custom vocabulary splits text
-        return transformers.PreTrainedTokenizerFast.from_pretrained(model_dir)
-    return transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
 class Trainer:
