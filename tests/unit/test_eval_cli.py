@@ -4,6 +4,7 @@ and bad input as one clear line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from fractions import Fraction
 
@@ -11,6 +12,7 @@ import pytest
 
 from megatron_spo import cli
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.prompts import PromptConfig
 from megatron_spo.rollout.rewards import RewardConfig
 from megatron_spo.rollout.types import Completion, GenerationResult, RolloutEngine
 from megatron_spo.training import eval_cli
@@ -93,8 +95,6 @@ def test_metrics_are_exact_for_known_answers(tokenizer):
 def test_custom_keys_threshold_and_overlong_prompts(tokenizer):
     records = [{"q": {"text": r["prompt"]}, "gt": r["answer"]} for r in RECORDS]
     records.append({"q": {"text": "x" * 400}, "gt": "0"})  # longer than max_prompt_tokens: skipped
-    from megatron_spo.rollout.prompts import PromptConfig
-
     settings = eval_cli.EvalSettings(n=2, prompt_key="q.text", answer_key="gt",
                                      prompt=PromptConfig(max_prompt_tokens=200))
     result = eval_cli.evaluate(CannedEngine(tokenizer, ANSWERS), tokenizer, records, settings, reward=INLINE)
@@ -103,15 +103,9 @@ def test_custom_keys_threshold_and_overlong_prompts(tokenizer):
     assert result["prompts_skipped_overlong"] == 1 and result["num_prompts"] == 3
     assert not any(key.startswith("by_") for key in result)
     # a threshold above the reward's maximum: nothing is correct
-    strict = dataclasses_replace(settings, correct_min_score=1.5)
+    strict = dataclasses.replace(settings, correct_min_score=1.5)
     assert eval_cli.evaluate(CannedEngine(tokenizer, ANSWERS), tokenizer, records, strict,
                              reward=INLINE)["overall"]["pass@2"] == 0.0
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def test_groups_are_listed_numbers_first_by_value(tokenizer):
