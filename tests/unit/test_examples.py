@@ -126,3 +126,39 @@ def test_dockerfile_pins_a_vllm_the_gpu_extra_accepts():
     assert 'pip install -e ".[gpu' in dockerfile
     ignored = (repo / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
+
+
+def _fake_slurm(bin_dir: Path) -> None:
+    """`srun` that drops its options and runs the command; `scontrol` that lists two hosts."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho node001\necho node002\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_sbatch_script_launches_torchrun_with_the_node_rank_and_master(tmp_path):
+    _fake_slurm(tmp_path / "bin")
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[001-002]",
+           "SLURM_SUBMIT_DIR": str(EXAMPLES.parent), "SLURM_NODEID": "1", "PYTHON": "echo"}
+    run = subprocess.run(["bash", str(EXAMPLES / "multinode" / "sbatch.slurm"), "total_steps=3"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [
+        "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "8",
+        "--master_addr", "node001", "--master_port", "29500",
+        "-m", "megatron_spo", "train", "--config", "examples/multinode/spo.yaml", "total_steps=3",
+    ]  # fmt: skip
+
+
+def test_recipe_script_switches_algorithm_and_agent():
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "ALGO": "grpo", "AGENT": "tool"}
+    run = subprocess.run(["bash", str(EXAMPLES / "qwen3_8b_dapo" / "run.sh"), "total_steps=2"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    words = run.stdout.split()
+    assert words[words.index("--config") + 1] == "examples/qwen3_8b_dapo/grpo.yaml"
+    assert words[-3:] == ["rollout.agent=tool", "run_dir=runs/qwen3_8b_dapo/grpo_tool", "total_steps=2"]
+    bad = subprocess.run(["bash", str(EXAMPLES / "qwen3_8b_dapo" / "run.sh")], capture_output=True, text=True,
+                         env={**env, "ALGO": "ppo"})
+    assert bad.returncode == 2 and "ALGO must be spo or grpo" in bad.stderr
