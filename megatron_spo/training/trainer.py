@@ -412,38 +412,26 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
-        """Accuracy of the current policy on the held-out files (generation split over DP ranks)."""
-        from megatron_spo.rollout.types import GenerationRequest, SamplingParams
+        """Held-out accuracy, pass@k and maj@k of the current policy (generation split over DP)."""
+        from megatron_spo.rollout.estimate import load_records
         from megatron_spo.rollout.weight_sync import sync_weights
+        from megatron_spo.training.eval_cli import EvalSettings, evaluate
 
         cfg, par = self.config, self.parallel
-        files = cfg.eval_files
-        if not files:
+        if not cfg.eval_files:
             return {}
-        if not hasattr(self, "_eval_prompts"):
-            self._eval_prompts, _ = load_prompts(files, cfg.data.prompt_key, cfg.data.answer_key,
-                                                 self.tokenizer, cfg.data.prompt)
+        if not hasattr(self, "_eval_records"):
+            self._eval_records = [r for path in cfg.eval_files for r in load_records(path)]
         sync_weights(self.engine, self.actor.export_hf(), cfg.rollout.weight_sync)
         e = cfg.eval
-        mine = list(range(par.dp_rank, len(self._eval_prompts), self.dp))
-        requests = [
-            GenerationRequest(prompt_token_ids=self._eval_prompts[i].token_ids, params=SamplingParams(
-                n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                max_tokens=e.max_response_tokens or cfg.rollout.max_response_tokens, seed=_seed(cfg.seed, -1, i)))
-            for i in mine
-        ]
-        results = self.engine.generate(requests) if requests else []
-        texts, truths = [], []
-        for i, result in zip(mine, results):
-            for c in result.completions:
-                texts.append(c.text if c.text is not None else self.tokenizer.decode(c.token_ids))
-                truths.append(self._eval_prompts[i].answer)
-        scores = self.scorer.score(texts, truths).scores
-        per_prompt_any = [max(scores[j * e.n:(j + 1) * e.n], default=0.0) > 0 for j in range(len(mine))]
-        totals = self._reduce_sum(torch.tensor([float(sum(s > 0 for s in scores)), float(len(scores)),
-                                                float(sum(per_prompt_any)), float(len(mine))]))
-        return {"eval/accuracy": totals[0].item() / max(totals[1].item(), 1),
-                f"eval/pass@{e.n}": totals[2].item() / max(totals[3].item(), 1)}
+        settings = EvalSettings(
+            n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, seed=cfg.seed, ks=e.ks,
+            max_tokens=e.max_response_tokens or cfg.rollout.max_response_tokens,
+            prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key, prompt=cfg.data.prompt,
+        )
+        result = evaluate(self.engine, self.tokenizer, self._eval_records, settings, pool=self.scorer,
+                          rank=par.dp_rank, world_size=self.dp, group=par.dp_group if self.dp > 1 else None)
+        return {f"eval/{k}": float(v) for k, v in result.get("overall", {}).items()}
 
     # ------------------------------------------------------------------ checkpoints
 
