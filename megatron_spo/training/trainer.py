@@ -231,7 +231,8 @@ class Trainer:
             seq = p.token_ids + r
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, len(p.token_ids) - 1 : len(seq) - 1] = 1.0
-        return {"input_ids": ids, "targets": torch.roll(ids, -1, 1), "response_mask": mask}
+        lengths = torch.tensor([len(p.token_ids) + len(r) for p, r in zip(prompts, responses)])
+        return {"input_ids": ids, "targets": torch.roll(ids, -1, 1), "response_mask": mask, "lengths": lengths}
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
@@ -316,9 +317,10 @@ class Trainer:
 
     def _update_actor(self, seq: dict[str, torch.Tensor], old: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
         """PPO-clip updates over mini-batches; returns the step's actor metrics (token means)."""
-        from megatron_spo.training.logprobs import microbatches
+        from megatron_spo.training.logprobs import microbatches, microbatches_by_tokens
 
         cfg = self.config
+        budget = cfg.batch.max_tokens_per_micro_batch
         data = {**seq, "old_logprobs": _pad_right(old), "advantages": _pad_right(adv)}
         n_local = seq["input_ids"].shape[0]
         steps_per_epoch = cfg.batch.train_batch_size // cfg.batch.mini_batch_size
@@ -327,7 +329,9 @@ class Trainer:
         for _ in range(cfg.batch.epochs):
             for start in range(0, n_local, per_mini):
                 mini = {k: v[start : start + per_mini] for k, v in data.items()}
-                m = self.actor.train_step(microbatches(mini, cfg.batch.micro_batch_size), self._policy_loss)
+                mbs = (microbatches_by_tokens(mini, mini["lengths"], budget) if budget
+                       else microbatches(mini, cfg.batch.micro_batch_size))
+                m = self.actor.train_step(mbs, self._policy_loss)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
         count = max(sums.pop("count", 0.0), 1.0)
@@ -369,7 +373,7 @@ class Trainer:
             "pg_loss_sum": out.loss.detach(),
             "clipped_sum": out.clip_fraction * (count if loss_cfg.loss_agg == "token-mean" else n_tokens),
             "approx_kl_sum": out.approx_kl * count,
-            "tokens": (mb["input_ids"] != -1).sum().float(),
+            "tokens": mb["lengths"].sum().float(),
         }
         return out.loss, count, metrics
 
