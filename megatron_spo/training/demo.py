@@ -32,10 +32,10 @@ from megatron_spo.errors import UserError
 
 @dataclasses.dataclass(kw_only=True)
 class DemoSettings:
-    sft_steps: int = 800
+    sft_steps: int = 600
     """SFT optimizer steps (batch 32): enough for the format, not for clean arithmetic."""
     sft_lr: float = 3e-3
-    rl_steps: int = 150
+    rl_steps: int = 100
     """SPO steps of 64 prompts x 1 response."""
     rl_lr: float = 4e-4
     offline_prompts: int = 512
