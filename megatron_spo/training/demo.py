@@ -35,7 +35,7 @@ class DemoSettings:
     sft_steps: int = 600
     """SFT optimizer steps (batch 32): enough for the format, not for clean arithmetic."""
     sft_lr: float = 3e-3
-    rl_steps: int = 100
+    rl_steps: int = 120
     """SPO steps of 64 prompts x 1 response."""
     rl_lr: float = 4e-4
     offline_prompts: int = 512
