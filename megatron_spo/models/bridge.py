@@ -122,6 +122,10 @@ class WeightBridge:
         self._layer_rules = {rule.mcore: rule for rule in layer_rules}
         self._global_rules = {rule.mcore: rule for rule in global_rules}
         self._export_plan_cache: dict[tuple, list[list[tuple]]] = {}
+        # two TP gather buffers per dtype, kept between exports (a weight sync runs every step):
+        # fresh ones would be page-faulted in on every export, which on CPUs cost as much as the
+        # gather itself (bench/bridge.py); on GPUs the caching allocator would keep them anyway
+        self._gather_buffers: dict[torch.dtype, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ binding
 
@@ -286,7 +290,8 @@ class WeightBridge:
         Every rank of the model-parallel group must iterate to the end (the buckets are
         collectives). At TP=1 and PP=1 tensors may alias the model's parameters (copy what you
         keep past the next optimizer step); otherwise each is a fresh tensor (at PP > 1 a view of
-        its bucket's fresh buffer) that stays valid after later buckets.
+        its bucket's fresh buffer) that stays valid after later buckets. At TP > 1 the bridge
+        keeps two gather buffers of up to `bucket_bytes` each for the next export.
         `dtype` converts before communication, so a bf16 export moves half the bytes of fp32.
         """
         for bucket in self.export_buckets(chunks, bucket_bytes=bucket_bytes, dtype=dtype):
@@ -330,8 +335,9 @@ class WeightBridge:
         # bucket of the bridge's buckets). At TP > 1 the split shards travel packed in `gathered`
         # (tp, shard elements of the bucket) and are copied from there into their HF places once;
         # the gather of the next bucket runs while this one is placed and consumed (two gather
-        # buffers, reused for every bucket). Replicated tensors (norms) are copied from the local
-        # parameter: TP ranks hold identical copies, so they need no gather.
+        # buffers, reused for every bucket and kept for the next export). Replicated tensors
+        # (norms) are copied from the local parameter: TP ranks hold identical copies, so they
+        # need no gather.
         pp_ranks = par.pp_ranks
         buckets = []  # (stage, entries, split numel per entry, HF numel per entry)
         for stage, plan in enumerate(plans):
@@ -343,7 +349,9 @@ class WeightBridge:
         # the buckets this rank gathers over TP, in order; the j-th uses gather buffer j % 2
         to_gather = [k for k, b in enumerate(buckets) if b[0] == par.pp_rank and par.tp > 1 and sum(b[2])]
         gather_index = {k: j for j, k in enumerate(to_gather)}
-        buffers = [torch.empty(0, dtype=out_dtype, device=_device_of(bound)) for _ in range(2)]
+        buffers = self._gather_buffers.setdefault(
+            out_dtype, [torch.empty(0, dtype=out_dtype, device=_device_of(bound)) for _ in range(2)]
+        )
         pending: dict[int, tuple[torch.Tensor, list]] = {}  # bucket -> (gathered, work handles)
 
         def start_gather(j: int) -> None:
