@@ -162,7 +162,7 @@ def init_distributed(
 ) -> ParallelContext:
     """Initialise torch.distributed from the torchrun environment and Megatron's parallel state.
 
-    A plain `python` process (no RANK / WORLD_SIZE) becomes a world of one on a free local port,
+    A plain `python` process (no RANK / WORLD_SIZE) becomes a world of one with an in-memory store,
     so the same code path serves a laptop, CI and a cluster. Calling it again with the same sizes
     returns the existing context; different sizes re-initialise Megatron's groups.
     """
@@ -175,16 +175,18 @@ def init_distributed(
     if not torch.distributed.is_initialized():
         world_size = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
-        if world_size == 1 and "MASTER_PORT" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(free_port())
         if is_gpu():
             torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        kwargs = {}
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            # a plain single process: an in-memory store, no TCP port to race other jobs for
+            kwargs["store"] = torch.distributed.HashStore()
         torch.distributed.init_process_group(
             backend=backend(),
             world_size=world_size,
             rank=rank,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            **kwargs,
         )
     world_size = torch.distributed.get_world_size()
     if world_size % (tp * pp) != 0:

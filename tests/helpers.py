@@ -44,8 +44,29 @@ def distributed_run(
     """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; return their results.
 
     `fn` must be importable (a module-level function). A failure on any rank raises with that
-    rank's traceback; a hang past `timeout_s` kills every rank.
+    rank's traceback; a hang past `timeout_s` kills every rank. The free port is chosen before the
+    ranks bind it, so another job can take it in between: then the launch is retried on a new port.
     """
+    for attempt in range(3):
+        try:
+            return _distributed_run_once(world_size, fn, args, workdir, timeout_s)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+
+
+class _PortTaken(AssertionError):
+    pass
+
+
+def _failed(out: str) -> bool:
+    if not os.path.exists(out):
+        return True
+    with open(out, "rb") as fh:
+        return pickle.load(fh)[0] == "error"
+
+
+def _distributed_run_once(world_size, fn, args, workdir, timeout_s):
     from megatron_spo.platform import free_port
 
     ctx = mp.get_context("spawn")
@@ -57,8 +78,15 @@ def distributed_run(
     ]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join(timeout_s)
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        failed = any(not p.is_alive() and _failed(out) for p, out in zip(procs, outs))
+        if failed:  # a rank died: its peers would wait on it until the deadline
+            time.sleep(2)
+            break
+        time.sleep(0.1)
     hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
     for proc in procs:
         if proc.is_alive():
@@ -75,9 +103,10 @@ def distributed_run(
             errors.append(f"rank {rank}:\n{value}")
         results.append(value)
     if hung:
-        errors.insert(0, f"ranks {hung} still running after {timeout_s}s")
+        errors.insert(0, f"ranks {hung} still running (killed after a peer failed or {timeout_s}s passed)")
     if errors:
-        raise AssertionError("distributed run failed:\n" + "\n".join(errors))
+        message = "distributed run failed:\n" + "\n".join(errors)
+        raise (_PortTaken if "EADDRINUSE" in message else AssertionError)(message)
     return results
 
 

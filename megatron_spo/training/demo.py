@@ -123,8 +123,8 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
 
     config_path = out_dir / "spo.yaml"
     atomic.write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(settings.nproc), "--master_port",
-          str(_free_port()), "-m", "megatron_spo", "train", "--config", str(config_path), "checkpoint.resume=never"],
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(settings.nproc),
+          "-m", "megatron_spo", "train", "--config", str(config_path), "checkpoint.resume=never"],
          logs / "train.log", env)
 
     print("[6/6] held-out accuracy after RL, plots", flush=True)
@@ -145,12 +145,6 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     }
     atomic.write_json(out_dir / "summary.json", summary)
     return summary
-
-
-def _free_port() -> int:
-    from megatron_spo.platform import free_port
-
-    return free_port()
 
 
 def main(argv: list[str]) -> int:
