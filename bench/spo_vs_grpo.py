@@ -26,8 +26,8 @@ Reported:
   evaluations) and their ratio SPO / GRPO ("not reached" when SPO's curve never gets there),
 - the actor's training throughput (`perf/train_tokens_per_s`, one rank's update phase) against a
   plain PyTorch step (HF `Qwen2ForCausalLM` forward + backward + `torch.optim.AdamW`, clip 1.0)
-  on a batch of the same shape (sequences per mini-batch per rank x mean prompt length plus the
-  response limit, as the trainer counts padded positions), timed in this process after the
+  on one rank's mini-batch of sequences, unpadded, at the mean real length (prompt as the trainer
+  builds it + mean response; the trainer counts real tokens), timed in this process after the
   runs, one thread.
 """
 
@@ -169,6 +169,19 @@ def tokens_to_reach(curve: list[tuple[int, float, int]], target: float) -> float
     return float(curve[-1][0]) if curve and curve[-1][1] >= target else None
 
 
+def _ratio(need: dict[str, float | None]) -> float | None:
+    """SPO's tokens over GRPO's to reach the target; None when undefined (see _describe)."""
+    return need["spo"] / need["grpo"] if need["spo"] is not None and need["grpo"] else None
+
+
+def _describe(ratio: float | None, need: dict[str, float | None]) -> str:
+    if ratio is not None:
+        return f"{ratio:.2f}"
+    if need["spo"] is None:
+        return "not reached (SPO never gets to the target)"
+    return "undefined (the warm start already meets the target)"
+
+
 def accuracy_at(curve: list[tuple[int, float, int]], budget: float) -> float:
     """Accuracy interpolated linearly at `budget` (which must lie within the curve)."""
     for (t0, a0, _), (t1, a1, _) in zip(curve, curve[1:]):
@@ -281,27 +294,23 @@ def main() -> None:
     budget = min(runs[a]["tokens"] for a in ALGORITHMS)
     grpo_final = runs["grpo"]["curve"][-1][1]
     need = {a: tokens_to_reach(runs[a]["curve"], grpo_final) for a in ALGORITHMS}
-    ratio = need["spo"] / need["grpo"] if need["spo"] is not None and need["grpo"] else None
+    ratio = _ratio(need)
     # one evaluation of 400 samples is noisy (+-0.025) and the curves oscillate, so the same
     # reading against the mean of GRPO's last three evaluations as well
     grpo_last3 = statistics.mean(a for _, a, _ in runs["grpo"]["curve"][-3:])
     need3 = {a: tokens_to_reach(runs[a]["curve"], grpo_last3) for a in ALGORITHMS}
-    ratio3 = need3["spo"] / need3["grpo"] if need3["spo"] is not None and need3["grpo"] else None
+    ratio3 = _ratio(need3)
 
     # throughput: one rank's update phase vs a plain PyTorch step on the same batch shape
     per_rank_batch = settings.mini_batch_sequences // settings.nproc
-    prompt_tokens = 20  # demo prompts with the answer-format suffix, measured below when a tokenizer loads
-    try:
-        from transformers import AutoTokenizer
+    # the trainer counts real tokens (prompt + response lengths, no padding), so the baseline runs
+    # unpadded rows of the mean real length: the least work that holds those tokens
+    from megatron_spo.rollout.prompts import PromptConfig, load_tokenizer
+    from megatron_spo.training.trainer import load_prompts
 
-        tok = AutoTokenizer.from_pretrained(sft)
-        suffix = "\n\nThe answer format must be: \\boxed{...}"
-        prompt_tokens = round(statistics.mean(len(tok(r["prompt"] + suffix)["input_ids"]) for r in val_records))
-    except Exception as exc:  # the throughput shape is approximate anyway; say so
-        print(f"  (prompt length not measured: {exc})")
-    # the trainer counts padded positions (rows x longest row), so the baseline rows are as long
-    # as a mini-batch holding one response at the limit
-    length = prompt_tokens + settings.max_response_tokens
+    prompts, _ = load_prompts([str(val)], "prompt", "answer", load_tokenizer(sft), PromptConfig())
+    prompt_tokens = statistics.mean(len(p.token_ids) for p in prompts)
+    length = round(prompt_tokens + statistics.mean(runs[a]["response_length"] for a in ALGORITHMS))
     baseline = plain_pytorch_tokens_per_s(sft, per_rank_batch, length)
     loads.append(_load_average())
 
@@ -338,9 +347,9 @@ def main() -> None:
         print(f"| - / {g[0]:,} | - | - | {g[2]} | {g[1]:.3f} |")
     fmt = lambda x: "not reached" if x is None else f"{x:,.0f}"
     print(f"\nGRPO final accuracy {grpo_final:.3f}; tokens to reach it: SPO {fmt(need['spo'])}, GRPO {fmt(need['grpo'])}; "
-          f"ratio SPO/GRPO {'not reached' if ratio is None else f'{ratio:.2f}'}")
+          f"ratio SPO/GRPO {_describe(ratio, need)}")
     print(f"GRPO last-3 mean accuracy {grpo_last3:.3f}; tokens to reach it: SPO {fmt(need3['spo'])}, "
-          f"GRPO {fmt(need3['grpo'])}; ratio SPO/GRPO {'not reached' if ratio3 is None else f'{ratio3:.2f}'}")
+          f"GRPO {fmt(need3['grpo'])}; ratio SPO/GRPO {_describe(ratio3, need3)}")
     acc = summary["accuracy_at_common_budget"]
     print(f"accuracy at the common budget {budget:,}: SPO {acc['spo']:.3f}, GRPO {acc['grpo']:.3f}")
     for a in ALGORITHMS:
