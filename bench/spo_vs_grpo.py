@@ -135,11 +135,10 @@ def run_config(algorithm: str, settings: BenchSettings, sft: Path, train: Path, 
 
 
 def train(config: dict, config_path: Path, settings: BenchSettings, env, log: Path, resume: str) -> float:
-    from megatron_spo.platform import free_port
-
+    # --standalone: torchrun picks its own free rendezvous port (no race with other jobs)
     atomic.write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(settings.nproc),
-                 "--master_port", str(free_port()), "-m", "megatron_spo", "train", "--config", str(config_path),
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(settings.nproc),
+                 "-m", "megatron_spo", "train", "--config", str(config_path),
                  f"checkpoint.resume={resume}", "--no-export"], log, env)
 
 
