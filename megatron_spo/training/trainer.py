@@ -544,6 +544,10 @@ class Trainer:
                 self.save_checkpoint()
         if progress is not None:
             progress.close()
+        if cfg.eval.every_steps and self.step % cfg.eval.every_steps and last:
+            final_eval = self.evaluate()  # the last step was not an evaluation step
+            self.logger.log(self.step, final_eval)
+            last.update(final_eval)
         return last
 
     def export_hf(self, out_dir: str | Path) -> Path:
