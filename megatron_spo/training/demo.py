@@ -32,10 +32,10 @@ from megatron_spo.errors import UserError
 
 @dataclasses.dataclass(kw_only=True)
 class DemoSettings:
-    sft_steps: int = 600
+    sft_steps: int = 800
     """SFT optimizer steps (batch 32): enough for the format, not for clean arithmetic."""
     sft_lr: float = 3e-3
-    rl_steps: int = 120
+    rl_steps: int = 150
     """SPO steps of 64 prompts x 1 response."""
     rl_lr: float = 4e-4
     offline_prompts: int = 512
