@@ -408,8 +408,8 @@ class Trainer:
             rho = rho_from_drift(drift, cfg)
             self.store.store_responses(keys, rollout.responses, [v.tolist() for v in new_cur])
         self.store.update(keys, rewards_np, rho)
-        stats = self._reduce_sum(torch.tensor([float(rho.sum()), float(drift.sum()), float(len(keys)),
-                                               float(np.max(drift, initial=0.0))], dtype=torch.float64))
+        stats = self._reduce_sum(torch.tensor([float(rho.sum()), float(drift.sum()), float(len(keys))],
+                                              dtype=torch.float64))
         n = max(stats[2].item(), 1.0)
         return {"rho/mean": stats[0].item() / n, "kl_drift/mean": stats[1].item() / n}
 
