@@ -104,6 +104,8 @@ class AgentTask:
     prompt_token_ids: list[int]
     prompt_text: str | None = None
     ground_truth: str | None = None
+    seed: int | None = None
+    """Sampling seed of the first turn (turn t uses seed + 7919 t); None = the engine's."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -207,6 +209,7 @@ class AgentLoop:
                     top_p=self.config.top_p,
                     max_tokens=self.config.max_response_length - len(t.response_ids),
                     stop=list(self.config.tool_call_stop),
+                    seed=None if t.task.seed is None else t.task.seed + 7919 * t.turns,
                 ),
                 request_id=f"{t.task.prompt_key}/turn{t.turns}",
             )

@@ -1,13 +1,19 @@
-"""The RL training loop: Single-stream Policy Optimization, with GRPO as the baseline.
+"""The RL training loop: Single-stream Policy Optimization, GRPO as the baseline, and the other
+published SPOs (Segment Policy Optimization chain / tree, Soft Policy Optimization).
 
 One step, on every rank (SPMD under torchrun), reads as the algorithm does:
 
-    sample prompts from the value store (pool of gen_batch_size, batch of train_batch_size)
-    -> sync the actor's weights into the rollout engine -> generate -> score
-    -> advantages (SPO: r - p_hat, p_hat read before this step's update, normalised over the
-       global batch; GRPO: group mean / std over rollout.n responses per prompt)
-    -> update the actor (mini-batches x epochs, PPO clip with dual clip, token-mean)
-    -> KL drift D of each prompt's previous response -> rho -> value-store update
+    sample prompts (spo: from the value store, a pool of gen_batch_size, batch of
+      train_batch_size; the others: the next train_batch_size prompts)
+    -> sync the actor's weights into the rollout engine
+    -> build this rank's sequences (`training.rollouts`: generate and score; spo_chain adds
+       continuations from cut points, spo_tree grows trees, soft_spo adds off-policy sequences)
+    -> old-policy (and reference) log-probs
+    -> advantages (spo: r - p_hat, p_hat read before this step's update, normalised over the
+       global batch; grpo: group mean / std; spo_chain / spo_tree: segment values, probability
+       mask, whitening; soft_spo: none, the loss regresses soft Q onto the reward)
+    -> update the actor (mini-batches x epochs, the algorithm's objective, `training.objectives`)
+    -> spo: KL drift D of each prompt's previous response -> rho -> value-store update
     -> periodic evaluation -> checkpoint
 
 Prompts of a step are split over data-parallel ranks; each rank generates with its own engine.
@@ -32,32 +38,9 @@ from megatron_spo import atomic, platform
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.prompts import load_tokenizer
 from megatron_spo.training.config import TrainConfig
+from megatron_spo.training.rollouts import Prompt, Rollout, Sampling, step_seed
 
 STATE_FILE = "trainer_state.json"
-
-
-@dataclasses.dataclass
-class Prompt:
-    """A training prompt: its value-store key, token ids and ground truth."""
-
-    key: int
-    raw: str
-    token_ids: list[int]
-    answer: str
-
-
-@dataclasses.dataclass
-class Rollout:
-    """This rank's share of a step: one entry per sequence (prompt + one response)."""
-
-    prompt_index: list[int]
-    """Position of each sequence's prompt in the step's global batch."""
-    prompts: list[Prompt]
-    responses: list[list[int]]
-    texts: list[str]
-    finish: list[str]
-    logprobs: list[list[float]]
-    """The engine's log-probs of the sampled tokens (for the training/inference mismatch metric)."""
 
 
 def load_prompts(files: list[str], prompt_key: str, answer_key: str, tokenizer, prompt_config) -> tuple[list[Prompt], int]:
@@ -93,11 +76,7 @@ class Trainer:
         from megatron_spo.training.actor import Actor, OptimizerSettings
 
         self.config = cfg = config
-        if cfg.algorithm.name not in ("spo", "grpo"):
-            raise UserError(
-                f"algorithm.name: {cfg.algorithm.name!r} runs through the library functions in "
-                "megatron_spo.training.algorithms; the trainer loop drives spo and grpo"
-            )
+        self.algorithm = cfg.algorithm.name
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.dp = cfg.check_world_size(world)
         self.parallel = par = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
@@ -120,9 +99,19 @@ class Trainer:
             decay_steps=(cfg.total_steps - o.warmup_steps) if (cfg.total_steps and o.schedule != "constant") else None,
             decay_style=o.schedule,
         ))
+        self.reference = None
+        if self._needs_reference():
+            from megatron_spo.training.reference import ReferenceModel
+
+            self.reference = ReferenceModel(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed)
         self.engine = make_engine(cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed, load_weights=False))
         self.scorer = ScoringPool(cfg.rollout.reward)
         self.store = self._build_value_store()
+        self.sampling = self._sampling()
+        self.objective = self._objective()
+        self.q0: dict[int, float] = {}  # soft_spo: soft value of each prompt under the reference
+        self.replay: list[dict] = []  # soft_spo: this rank's recent policy sequences
+        self.offpolicy = self._load_offpolicy()
         self.step = 0
         self.cursor = 0  # position in the shuffled prompt order
         self.epoch = 0
@@ -133,6 +122,49 @@ class Trainer:
         self.logger = self._make_logger()
 
     # ------------------------------------------------------------------ setup
+
+    def _needs_reference(self) -> bool:
+        a = self.config.algorithm
+        return {"spo": self.config.loss.kl_coef > 0, "grpo": self.config.loss.kl_coef > 0,
+                "spo_chain": a.spo_chain.loss.kl_coef > 0, "spo_tree": a.spo_tree.loss.kl_coef > 0,
+                "soft_spo": True}[self.algorithm]
+
+    def _sampling(self) -> Sampling:
+        """The algorithm's sampling settings; the loss reads log-probs at the same temperature."""
+        a, r = self.config.algorithm, self.config.rollout
+        if self.algorithm in ("spo_chain", "spo_tree"):
+            c = getattr(a, self.algorithm)
+            return Sampling(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_tokens=c.max_response_tokens)
+        temperature = 1.0 if self.algorithm == "soft_spo" else r.temperature
+        return Sampling(temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_response_tokens)
+
+    def _objective(self):
+        from megatron_spo.training.objectives import PPOObjective, SegmentObjective, SoftObjective
+
+        a, loss, tp_group = self.config.algorithm, self.config.loss, self.parallel.tp_group
+        if self.algorithm in ("spo_chain", "spo_tree"):
+            return SegmentObjective(config=getattr(a, self.algorithm).loss, temperature=self.sampling.temperature,
+                                    tp_group=tp_group)
+        if self.algorithm == "soft_spo":
+            return SoftObjective(config=a.soft_spo, tp_group=tp_group)
+        return PPOObjective(clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
+                            clip_ratio_c=loss.clip_ratio_c, loss_agg=loss.loss_agg, kl_coef=loss.kl_coef,
+                            kl_estimator=loss.kl_estimator, entropy_coef=loss.entropy_coef,
+                            temperature=self.sampling.temperature, tp_group=tp_group)
+
+    def _load_offpolicy(self) -> list:
+        from megatron_spo.training.algorithms.soft_spo import load_offpolicy_jsonl
+
+        if self.algorithm != "soft_spo":
+            return []
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        samples = [s for path in self.config.algorithm.soft_spo.offpolicy_files
+                   for s in load_offpolicy_jsonl(path, tokenize=encode)]
+        for s in samples:
+            if s.ground_truth is None and "q0" not in s.extra:
+                raise UserError(f"{s.extra['source']}: an off-policy sequence needs its prompt's 'answer' "
+                                "(to estimate Q0 from reference samples) or a 'q0' value")
+        return samples
 
     def _build_value_store(self):
         from megatron_spo.value import ValueStore
@@ -172,7 +204,7 @@ class Trainer:
     def _next_prompts(self) -> list[Prompt]:
         """The step's global batch: SPO draws from a pool by weight; GRPO takes the next prompts."""
         cfg = self.config
-        take = cfg.batch.gen_batch_size if cfg.algorithm.name == "spo" else cfg.batch.train_batch_size
+        take = cfg.batch.gen_batch_size if self.algorithm == "spo" else cfg.batch.train_batch_size
         pool = []
         while len(pool) < take:
             if self.cursor >= len(self._order):
@@ -182,57 +214,144 @@ class Trainer:
             chunk = self._order[self.cursor : self.cursor + take - len(pool)]
             self.cursor += len(chunk)
             pool.extend(self.prompts[i] for i in chunk)
-        if cfg.algorithm.name != "spo":
+        if self.algorithm != "spo":
             return pool
         pool_keys = np.array([p.key for p in pool], dtype=np.int64)
         batch = min(cfg.batch.train_batch_size, len(np.unique(pool_keys)))
         chosen = self.store.sample(pool_keys, batch, self.sample_rng)
         return [pool[i] for i in chosen]
 
-    def _generate(self, batch: list[Prompt]) -> Rollout:
-        from megatron_spo.rollout.types import GenerationRequest, SamplingParams
+    def _seeds(self, count: int, salt: int = 0) -> list[int]:
+        return [step_seed(self.config.seed + salt, self.step, i) for i in range(count)]
 
-        cfg, par = self.config, self.parallel
-        mine = list(range(par.dp_rank, len(batch), self.dp))  # prompts of this DP rank
-        r = cfg.rollout
-        requests = [
-            GenerationRequest(
-                prompt_token_ids=batch[i].token_ids,
-                params=SamplingParams(
-                    n=self.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                    max_tokens=r.max_response_tokens, seed=_seed(cfg.seed, self.step, i),
-                ),
-            )
-            for i in mine
-        ]
-        results = self.engine.generate(requests) if requests else []
-        rollout = Rollout([], [], [], [], [], [])
-        for i, result in zip(mine, results):
-            for completion in result.completions:
-                rollout.prompt_index.append(i)
-                rollout.prompts.append(batch[i])
-                rollout.responses.append(list(completion.token_ids))
-                rollout.texts.append(completion.text if completion.text is not None
-                                     else self.tokenizer.decode(completion.token_ids))
-                rollout.finish.append(completion.finish_reason)
-                rollout.logprobs.append(list(completion.logprobs))
+    def _build_rollout(self, batch: list[Prompt]) -> Rollout:
+        """This rank's sequences for the step (see `training.rollouts`)."""
+        from megatron_spo.rollout.agent_loop import AgentLoopConfig
+        from megatron_spo.training import rollouts
+
+        cfg = self.config
+        mine = list(range(self.parallel.dp_rank, len(batch), self.dp))  # prompts of this DP rank
+        offset = cfg.algorithm.soft_spo.reward_offset if self.algorithm == "soft_spo" else 0.0
+        scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [p.answer for p in batch])
+        seeds = self._seeds(len(batch))
+        if self.algorithm == "spo_tree":
+            rollout = rollouts.tree_rollout(self.engine, scorer, batch, mine, cfg.algorithm.spo_tree, seeds)
+        else:
+            agent = None
+            if cfg.rollout.agent == "tool":
+                agent = AgentLoopConfig.from_rollout(cfg.rollout, temperature=self.sampling.temperature,
+                                                     top_p=self.sampling.top_p,
+                                                     max_response_length=self.sampling.max_tokens)
+            rollout = rollouts.generate(self.engine, self.tokenizer, scorer, batch, mine, n=self.n,
+                                        sampling=self.sampling, seeds=seeds, agent_config=agent)
+        if self.algorithm == "soft_spo":
+            rollout.rewards = [r + offset for r in rollout.rewards]
+            self._add_offpolicy(rollout, batch)
+        rollout.grader_failures = scorer.failures
         return rollout
 
-    def _sequences(self, prompts: list[Prompt], responses: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Right-padded prompt+response ids (N, T), targets, and the response mask (N, T).
+    # ------------------------------------------------------------------ soft-SPO sources and Q0
 
-        The mask sits on the positions that *predict* response tokens (position t predicts t+1).
+    def _offpolicy_draw(self) -> list:
+        """External sequences of this step (same draw on every rank)."""
+        count = min(self.config.algorithm.soft_spo.offpolicy_per_step, len(self.offpolicy))
+        if not count:
+            return []
+        rng = np.random.default_rng([self.config.seed, self.step, 1])
+        return [self.offpolicy[i] for i in sorted(rng.choice(len(self.offpolicy), count, replace=False))]
+
+    def _add_offpolicy(self, rollout: Rollout, batch: list[Prompt]) -> None:
+        """soft_spo: this rank's share of the external sequences, then replayed sequences; the
+        fresh policy sequences go into the replay buffer; every sequence gets its prompt's Q0."""
+        soft = self.config.algorithm.soft_spo
+        fresh = [dict(key=p.key, context=c, response=r, mask=m, reward=w)
+                 for p, c, r, m, w in zip(rollout.prompts, rollout.contexts, rollout.responses, rollout.masks,
+                                         rollout.rewards)]
+        for sample in self._offpolicy_draw()[self.parallel.dp_rank :: self.dp]:
+            prompt = Prompt(key=sample.prompt_key, raw=sample.prompt_text or "", token_ids=sample.prompt_token_ids,
+                            answer=sample.ground_truth or "")
+            rollout.add(-1, prompt, sample.prompt_token_ids, sample.response_token_ids, sample.response_mask,
+                        sample.response_logprobs, sample.reward)
+        if soft.replay_per_step and self.replay:
+            rng = np.random.default_rng([self.config.seed, self.step, 2, self.parallel.dp_rank])
+            picks = rng.choice(len(self.replay), min(soft.replay_per_step, len(self.replay)), replace=False)
+            for i in sorted(picks):
+                old = self.replay[i]
+                prompt = Prompt(key=old["key"], raw="", token_ids=old["context"], answer="")
+                rollout.add(-1, prompt, old["context"], old["response"], old["mask"],
+                            [float("nan")] * len(old["response"]), old["reward"])
+        if soft.replay_buffer_size:
+            self.replay = (self.replay + fresh)[-soft.replay_buffer_size :]
+        rollout.q0 = [self.q0[p.key] for p in rollout.prompts]
+
+    def _fill_q0(self, batch: list[Prompt]) -> None:
+        """soft_spo: Q0 of the step's prompts not seen before, from samples of the reference
+        (loaded into the engine for this; the caller syncs the actor back). Computed once per
+        prompt (the reference is frozen), split over DP ranks, shared by all."""
+        from megatron_spo.rollout.weight_sync import sync_weights
+        from megatron_spo.training import rollouts
+        from megatron_spo.training.algorithms.soft_spo import estimate_prompt_q0
+
+        soft = self.config.algorithm.soft_spo
+        needed: dict[int, tuple[list[int], str]] = {}
+        for p in batch:
+            if p.key not in self.q0:
+                needed.setdefault(p.key, (p.token_ids, p.answer))
+        for s in self._offpolicy_draw():
+            if s.prompt_key in self.q0 or s.prompt_key in needed:
+                continue
+            if "q0" in s.extra:
+                self.q0[s.prompt_key] = s.extra["q0"]
+            else:
+                needed[s.prompt_key] = (s.prompt_token_ids, s.ground_truth)
+        if not needed:
+            return
+        keys = sorted(needed)
+        sync_weights(self.engine, self.reference.export_hf(), self.config.rollout.weight_sync)
+        mine = keys[self.parallel.dp_rank :: self.dp]
+        scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [needed[k][1] for k in mine],
+                                       offset=soft.reward_offset)
+        seeds = [step_seed(self.config.seed + 17, 0, k % (2**31 - 1)) for k in mine]
+        values = estimate_prompt_q0([needed[k][0] for k in mine], self.engine, scorer, soft, prompt_seeds=seeds)
+        found = dict(zip(mine, values))
+        if self.dp > 1:
+            gathered = [None] * self.dp
+            torch.distributed.all_gather_object(gathered, found, group=self.parallel.dp_group)
+            found = {k: v for part in gathered for k, v in part.items()}
+        self.q0.update(found)
+
+    # ------------------------------------------------------------------ tensors
+
+    def _sequences(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Right-padded context+response ids (N, T), targets, and the response mask (N, T).
+
+        The mask sits on the positions that *predict* response tokens (position t predicts t+1);
+        tool-output tokens stay 0. With no sequences the tensors have 0 rows (T = 2).
         """
         pad = self.tokenizer.pad_token_id or 0
-        length = max(len(p.token_ids) + len(r) for p, r in zip(prompts, responses))
-        ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-        mask = torch.zeros(len(prompts), length)
-        for row, (p, r) in enumerate(zip(prompts, responses)):
-            seq = p.token_ids + r
+        length = max([len(c) + len(r) for c, r in zip(rollout.contexts, rollout.responses)], default=2)
+        n = len(rollout)
+        ids = torch.full((n, length), pad, dtype=torch.long)
+        mask = torch.zeros(n, length)
+        for row, (c, r, m) in enumerate(zip(rollout.contexts, rollout.responses, rollout.masks)):
+            seq = c + r
             ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, len(p.token_ids) - 1 : len(seq) - 1] = 1.0
-        lengths = torch.tensor([len(p.token_ids) + len(r) for p, r in zip(prompts, responses)])
+            mask[row, len(c) - 1 : len(seq) - 1] = torch.tensor(m, dtype=torch.float32)
+        lengths = torch.tensor([len(c) + len(r) for c, r in zip(rollout.contexts, rollout.responses)], dtype=torch.long)
         return {"input_ids": ids, "targets": torch.roll(ids, -1, 1), "response_mask": mask, "lengths": lengths}
+
+    def _per_token(self, rollout: Rollout, values: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+        """Per-response-token lists -> (N, T-1) aligned with the logprob positions."""
+        out = torch.zeros_like(like)
+        for row, (c, v) in enumerate(zip(rollout.contexts, values)):
+            out[row, len(c) - 1 : len(c) - 1 + len(v)] = torch.tensor(v, dtype=out.dtype)
+        return out
+
+    def _logprobs(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[0] == 0:
+            return torch.zeros(0, input_ids.shape[1] - 1)
+        return model.logprobs(input_ids, micro_batch_size=self.config.batch.micro_batch_size,
+                              temperature=self.sampling.temperature)["logprobs"]
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
@@ -240,62 +359,71 @@ class Trainer:
             torch.distributed.all_reduce(tensor, group=self.parallel.dp_group)
         return tensor
 
+    # ------------------------------------------------------------------ the step
+
     def train_step(self) -> dict[str, float]:
         from megatron_spo.rollout.weight_sync import sync_weights
-        from megatron_spo.training.advantages import grpo_advantages, spo_advantages
 
-        cfg, par = self.config, self.parallel
+        cfg = self.config
         t0 = time.perf_counter()
         batch = self._next_prompts()
         keys = np.array([p.key for p in batch], dtype=np.int64)
         p_hat_all = self.store.p_hat(keys) if self.store is not None else None  # before any update
+        if self.algorithm == "soft_spo":
+            self._fill_q0(batch)
 
         sync = sync_weights(self.engine, self.actor.export_hf(), cfg.rollout.weight_sync)
         t_gen = time.perf_counter()
-        rollout = self._generate(batch)
-        gen_seconds = time.perf_counter() - t_gen
-        scored = self.scorer.score(rollout.texts, [p.answer for p in rollout.prompts])
-        rewards = torch.tensor(scored.scores, dtype=torch.float32)
-
-        seq = self._sequences(rollout.prompts, rollout.responses)
-        old = self.actor.logprobs(seq["input_ids"], micro_batch_size=cfg.batch.micro_batch_size)["logprobs"]
+        rollout = self._build_rollout(batch)
+        seq = self._sequences(rollout)
+        old = self._logprobs(self.actor, seq["input_ids"])
         mask = seq["response_mask"][:, :-1]
-        engine_lp = torch.zeros_like(old)
-        for row, (p, lps) in enumerate(zip(rollout.prompts, rollout.logprobs)):
-            engine_lp[row, len(p.token_ids) - 1 : len(p.token_ids) - 1 + len(lps)] = torch.tensor(lps)
-        mismatch = self._reduce_sum(torch.stack([((engine_lp - old).abs() * mask).sum(), mask.sum()]))
-        if cfg.algorithm.name == "spo":
-            p_hat = torch.tensor(p_hat_all[rollout.prompt_index], dtype=torch.float32)
-            adv = spo_advantages(rewards, p_hat, mask, eps=cfg.algorithm.spo_advantage_eps,
-                                 normalize=cfg.algorithm.normalize_advantages, reduce_sum=self._reduce_sum)
-        else:
-            adv = grpo_advantages(rewards, torch.tensor(rollout.prompt_index), mask, eps=cfg.algorithm.grpo_eps,
-                                  norm_by_std=cfg.algorithm.grpo_norm_by_std)
+        if self.algorithm == "spo_chain":
+            from megatron_spo.training.rollouts import PromptScorer, attach_chain_advantages
+
+            old_rows = [old[i, len(c) - 1 : len(c) - 1 + len(r)].tolist()
+                        for i, (c, r) in enumerate(zip(rollout.contexts, rollout.responses))]
+            # continuations of the n responses to one prompt must differ: seed by sequence, not prompt
+            seeds = self._seeds(len(batch) * self.n, salt=31)
+            nth = [rollout.prompt_index[:row].count(i) for row, i in enumerate(rollout.prompt_index)]
+            chain_scorer = PromptScorer(self.scorer, self.tokenizer, [])
+            attach_chain_advantages(rollout, self.engine, chain_scorer, cfg.algorithm.spo_chain, old_rows,
+                                    [seeds[i * self.n + j] for i, j in zip(rollout.prompt_index, nth)])
+            rollout.grader_failures += chain_scorer.failures
+        gen_seconds = time.perf_counter() - t_gen
+        ref = self._logprobs(self.reference, seq["input_ids"]) if self.reference is not None else None
+
+        engine_lp = self._per_token(rollout, rollout.logprobs, old)
+        finite = mask * torch.isfinite(engine_lp)
+        mismatch = self._reduce_sum(torch.stack([((engine_lp.nan_to_num() - old).abs() * finite).sum(), finite.sum()]))
+        rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
+        data = {**seq, "old_logprobs": _pad_right(old)}
+        if ref is not None:
+            data["ref_logprobs"] = _pad_right(ref)
+        adv = self._advantages(rollout, data, old, mask, rewards, p_hat_all)
 
         t_train = time.perf_counter()
-        update = self._update_actor(seq, old, adv)
+        update = self._update_actor(data)
         train_seconds = time.perf_counter() - t_train
 
         value_metrics = self._update_values(rollout, rewards) if self.store is not None else {}
         self.step += 1
-        generated = self._reduce_sum(torch.tensor([float(sum(len(r) for r in rollout.responses))]))[0].item()
+        generated = self._reduce_sum(torch.tensor([float(rollout.generated_tokens)]))[0].item()
         self.generated_tokens += int(generated)
-        totals = self._reduce_sum(torch.tensor([rewards.sum().item(), float(rewards.numel()), float((rewards > 0).sum()),
-                                                scored.metrics.get("reward/failures_error", 0.0)
-                                                + scored.metrics.get("reward/failures_timeout", 0.0)
-                                                + scored.metrics.get("reward/failures_nonfinite", 0.0)]))
-        adv_seq = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)  # (N,) per-sequence advantage
-        adv_stats = self._reduce_sum(torch.stack([adv_seq.sum(), torch.tensor(float(adv_seq.numel()))]))
-        adv_abs_max = adv_seq.abs().max() if adv_seq.numel() else torch.zeros(())
-        if self.dp > 1:
-            torch.distributed.all_reduce(adv_abs_max, op=torch.distributed.ReduceOp.MAX, group=par.dp_group)
+        episodes = torch.tensor(rollout.episode_rewards, dtype=torch.float64)
+        totals = self._reduce_sum(torch.tensor([episodes.sum().item(), float(episodes.numel()),
+                                                float((episodes > 0).sum()), rollout.grader_failures,
+                                                float(len(rollout)), float(sum(map(len, rollout.responses)))],
+                                               dtype=torch.float64))
+        adv_stats, adv_abs_max = self._advantage_stats(adv, data["response_mask"])
         metrics = {
             "reward/mean": totals[0].item() / max(totals[1].item(), 1),
             "train/accuracy": totals[2].item() / max(totals[1].item(), 1),
             "reward/grader_failures": totals[3].item(),
             "rollout/generated_tokens": generated,
             "rollout/total_generated_tokens": self.generated_tokens,
-            "rollout/response_length": generated / max(totals[1].item(), 1),
+            "rollout/train_sequences": totals[4].item(),
+            "rollout/response_length": totals[5].item() / max(totals[4].item(), 1),
             "perf/gen_tokens_per_s": generated / max(gen_seconds, 1e-9),
             "perf/train_tokens_per_s": update.pop("tokens", 0.0) / max(train_seconds, 1e-9),
             "perf/weight_sync_s": sync.seconds,
@@ -315,67 +443,95 @@ class Trainer:
         metrics.update(value_metrics)
         return metrics
 
-    def _update_actor(self, seq: dict[str, torch.Tensor], old: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
-        """PPO-clip updates over mini-batches; returns the step's actor metrics (token means)."""
+    def _advantages(self, rollout: Rollout, data: dict, old: torch.Tensor, mask: torch.Tensor,
+                    rewards: torch.Tensor, p_hat_all) -> torch.Tensor | None:
+        """Fills the objective's inputs into `data`; returns the per-token advantages for the
+        statistics (None for soft_spo, which has none)."""
+        from megatron_spo.training.advantages import grpo_advantages, spo_advantages
+        from megatron_spo.training.algorithms.segment_loss import prepare_segment_batch
+
+        a = self.config.algorithm
+        if self.algorithm == "spo":
+            p_hat = torch.tensor(p_hat_all[rollout.prompt_index], dtype=torch.float32)
+            adv = spo_advantages(rewards, p_hat, mask, eps=a.spo_advantage_eps,
+                                 normalize=a.normalize_advantages, reduce_sum=self._reduce_sum)
+        elif self.algorithm == "grpo":
+            adv = grpo_advantages(rewards, torch.tensor(rollout.prompt_index), mask, eps=a.grpo_eps,
+                                  norm_by_std=a.grpo_norm_by_std)
+        elif self.algorithm in ("spo_chain", "spo_tree"):
+            raw = self._per_token(rollout, rollout.token_advantages, old)
+            adv, loss_mask = prepare_segment_batch(raw, old, mask, getattr(a, self.algorithm).loss,
+                                                   reduce_fn=self._reduce_sum)
+            data["response_mask"] = _pad_right(loss_mask.float())  # only these tokens carry gradient
+        else:  # soft_spo
+            data["rewards"] = rewards
+            data["q0"] = torch.tensor(rollout.q0, dtype=torch.float32)
+            return None
+        data["advantages"] = _pad_right(adv)
+        return adv
+
+    def _advantage_stats(self, adv: torch.Tensor | None, response_mask: torch.Tensor):
+        """(sum, count) of per-sequence mean advantages over DP, and the global |max|."""
+        if adv is None:
+            return torch.zeros(2), torch.zeros(())
+        mask = response_mask[:, :-1]
+        has = mask.sum(1) > 0
+        adv_seq = ((adv * mask).sum(1) / mask.sum(1).clamp(min=1))[has]
+        stats = self._reduce_sum(torch.stack([adv_seq.sum(), torch.tensor(float(adv_seq.numel()))]))
+        abs_max = adv_seq.abs().max() if adv_seq.numel() else torch.zeros(())
+        if self.dp > 1:
+            torch.distributed.all_reduce(abs_max, op=torch.distributed.ReduceOp.MAX, group=self.parallel.dp_group)
+        return stats, abs_max
+
+    def _update_actor(self, data: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Optimizer steps over mini-batches x epochs; returns the step's actor metrics.
+
+        Every rank takes the same number of mini-batches per epoch (train_batch_size /
+        mini_batch_size); a rank with fewer sequences than that (spo_tree drops edges) trains a
+        masked-out row, so collectives line up. A mini-batch whose global mask is empty is
+        skipped (its loss would divide by zero)."""
         from megatron_spo.training.logprobs import microbatches, microbatches_by_tokens
 
         cfg = self.config
         budget = cfg.batch.max_tokens_per_micro_batch
-        data = {**seq, "old_logprobs": _pad_right(old), "advantages": _pad_right(adv)}
-        n_local = seq["input_ids"].shape[0]
-        steps_per_epoch = cfg.batch.train_batch_size // cfg.batch.mini_batch_size
-        per_mini = max(1, n_local // steps_per_epoch)
+        n_local = data["input_ids"].shape[0]
+        parts = cfg.batch.train_batch_size // cfg.batch.mini_batch_size
+        bounds = [n_local * k // parts for k in range(parts + 1)]
         sums: dict[str, float] = {}
+        updates = skipped_empty = 0
         for _ in range(cfg.batch.epochs):
-            for start in range(0, n_local, per_mini):
-                mini = {k: v[start : start + per_mini] for k, v in data.items()}
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                mini = {k: v[lo:hi] for k, v in data.items()}
+                counts = self._reduce_sum(torch.tensor([float(mini["response_mask"].sum()), float(hi - lo)]))
+                if counts[0] == 0:
+                    skipped_empty += 1
+                    continue
+                # segment KL: per-sequence sums averaged over the mini-batch's sequences
+                mini["kl_scale"] = torch.full((hi - lo,), float(counts[0] / counts[1]))
+                if hi == lo:
+                    mini = _blank_row(mini)
                 mbs = (microbatches_by_tokens(mini, mini["lengths"], budget) if budget
                        else microbatches(mini, cfg.batch.micro_batch_size))
-                m = self.actor.train_step(mbs, self._policy_loss)
+                m = self.actor.train_step(mbs, self.objective)
+                updates += 1
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
         count = max(sums.pop("count", 0.0), 1.0)
-        updates = max(1, cfg.batch.epochs * ((n_local + per_mini - 1) // per_mini))
-        out = {
-            "actor/pg_loss": sums.get("pg_loss_sum", 0.0) / count,
-            "actor/clip_fraction": sums.get("clipped_sum", 0.0) / count,
-            "actor/approx_kl": sums.get("approx_kl_sum", 0.0) / count,
+        updates = max(updates, 1)
+        per_count = {"pg_loss_sum": "actor/pg_loss", "clipped_sum": "actor/clip_fraction",
+                     "approx_kl_sum": "actor/approx_kl", "entropy_sum": "actor/entropy", "kl_ref_sum": "actor/kl_ref"}
+        out = {name: sums[key] / count for key, name in per_count.items() if key in sums}
+        out.update({
             "actor/grad_norm": sums.get("grad_norm", 0.0) / updates,
             "actor/lr": sums.get("lr", 0.0) / updates,
             "actor/skipped_steps": sums.get("skipped", 0.0),
+            "actor/empty_mini_batches": float(skipped_empty),
             "tokens": sums.get("tokens", 0.0),
-        }
+        })
+        if "soft_q_sum" in sums:
+            out["soft/q_terminal"] = sums["soft_q_sum"] / count
+            out["soft/log_ratio_sum"] = sums["soft_log_ratio_sum"] / count
         return out
-
-    def _policy_loss(self, logits: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Sum over this micro-batch's response tokens of the PPO-clip loss (Actor divides by the
-        global token count, giving token-mean over the whole mini-batch)."""
-        from megatron_spo.training.losses import ppo_clip_loss
-        from megatron_spo.training.logprobs import vocab_parallel_logprobs
-
-        lp, _ = vocab_parallel_logprobs(logits, mb["targets"])
-        lp = lp[:, :-1]
-        mask = mb["response_mask"][:, :-1]
-        old, adv = mb["old_logprobs"][:, : lp.shape[1]], mb["advantages"][:, : lp.shape[1]]
-        loss_cfg = self.config.loss
-        if loss_cfg.loss_agg == "seq-mean":
-            per_seq = mask.sum(1).clamp(min=1)
-            weights = mask / per_seq.unsqueeze(1)
-            count = torch.tensor(float((mask.sum(1) > 0).sum()))
-        else:
-            weights = mask
-            count = mask.sum()
-        out = ppo_clip_loss(lp, old, adv, weights, clip_ratio_low=loss_cfg.clip_ratio_low,
-                            clip_ratio_high=loss_cfg.clip_ratio_high, clip_ratio_c=loss_cfg.clip_ratio_c,
-                            loss_agg="token-mean", denominator=1.0)
-        n_tokens = mask.sum()
-        metrics = {
-            "pg_loss_sum": out.loss.detach(),
-            "clipped_sum": out.clip_fraction * (count if loss_cfg.loss_agg == "token-mean" else n_tokens),
-            "approx_kl_sum": out.approx_kl * count,
-            "tokens": mb["lengths"].sum().float(),
-        }
-        return out.loss, count, metrics
 
     def _update_values(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         """rho from the KL drift of each prompt's previous response, then the posterior update."""
@@ -393,8 +549,10 @@ class Trainer:
             have = stored.present
             # new logprobs of the stored responses and of this step's responses, in one pass
             prev_responses = [prev_ids[i, : int(prev_mask[i].sum())].tolist() for i in range(len(keys))]
-            both = self._sequences(rollout.prompts + rollout.prompts, prev_responses + rollout.responses)
-            lp = self.actor.logprobs(both["input_ids"], micro_batch_size=self.config.batch.micro_batch_size)["logprobs"]
+            contexts = rollout.contexts + rollout.contexts
+            both = self._sequences(Rollout(contexts=contexts, responses=prev_responses + rollout.responses,
+                                           masks=[[1] * len(r) for r in prev_responses + rollout.responses]))
+            lp = self._logprobs(self.actor, both["input_ids"])
             resp_mask = both["response_mask"][:, :-1].bool()
             new_prev = [lp[i][resp_mask[i]] for i in range(len(keys))]
             new_cur = [lp[len(keys) + i][resp_mask[len(keys) + i]] for i in range(len(keys))]
@@ -459,6 +617,7 @@ class Trainer:
             "scheduler": self.actor.scheduler.state_dict(),
             "actor_steps": self.actor.steps,
             "torch_rng": torch.get_rng_state(),
+            "replay": self.replay,
         }))
         if self.store is not None:
             # the store shards over DP ranks; every model-parallel rank of a DP rank holds the same
@@ -471,6 +630,7 @@ class Trainer:
                 "generated_tokens": self.generated_tokens,
                 "sample_rng": self.sample_rng.bit_generator.state,
                 "world_size": par.world_size, "tp": par.tp, "pp": par.pp,
+                "q0": {str(k): v for k, v in sorted(self.q0.items())},
             })
             self._prune_checkpoints()
         _barrier(par)
@@ -507,6 +667,8 @@ class Trainer:
         self.actor.scheduler.load_state_dict(rank_state["scheduler"])
         self.actor.steps = rank_state["actor_steps"]
         torch.set_rng_state(rank_state["torch_rng"])
+        self.replay = rank_state.get("replay", [])
+        self.q0 = {int(k): v for k, v in state.get("q0", {}).items()}
         if self.store is not None:
             self.store = ValueStore.load(latest / "value_store", self.config.spo,
                                          group=self.parallel.dp_group if self.dp > 1 else None)
@@ -570,8 +732,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in Path(root).glob("step_*") if (p / STATE_FILE).is_file())
 
 
-def _seed(seed: int, step: int, index: int) -> int:
-    return (seed * 1_000_003 + (step + 1) * 10_007 + index) % (2**31 - 1)
+def _blank_row(mini: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One fully masked 2-token row with `mini`'s keys: a rank without sequences still takes part
+    in the step's collectives and adds nothing to the loss or gradients."""
+    row = {k: torch.zeros((1, 2) if v.dim() >= 2 else (1,), dtype=v.dtype) for k, v in mini.items()}
+    row["lengths"] = torch.full((1,), 2, dtype=mini["lengths"].dtype)
+    return row
 
 
 def _pad_right(values: torch.Tensor) -> torch.Tensor:

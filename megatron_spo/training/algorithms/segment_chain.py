@@ -55,6 +55,25 @@ class ScoreFn(Protocol):
         """Reward of a complete response to the prompt numbered `index` in the caller's batch."""
 
 
+ScoreItem = tuple[int, Sequence[int], FinishReason]
+
+
+def score_all(score_fn: ScoreFn, items: Sequence[ScoreItem]) -> list[float]:
+    """Score many (index, response_token_ids, finish_reason) items at once.
+
+    A scorer with a `score_batch(items) -> list[float]` method gets them in one call (the trainer's
+    scorer grades a whole engine call's completions in its worker pool); a plain function is
+    called once per item.
+    """
+    batch = getattr(score_fn, "score_batch", None)
+    if batch is not None:
+        scores = [float(s) for s in batch(items)]
+        if len(scores) != len(items):
+            raise RuntimeError(f"score_batch returned {len(scores)} scores for {len(items)} items")
+        return scores
+    return [float(score_fn(*item)) for item in items]
+
+
 @dataclasses.dataclass(kw_only=True)
 class SegmentChainConfig:
     """SPO-chain hyperparameters; defaults are the authors' Rho-1.1B / GSM8K configs."""
@@ -138,18 +157,30 @@ def estimate_boundary_values(
     config: SegmentChainConfig,
     *,
     seed: int | None = None,
+    sample_seeds: Sequence[int] | None = None,
 ) -> dict[tuple[int, ...], BoundaryEstimate]:
     """V(prefix) = mean reward of K continuations, for every distinct prefix, in one engine call.
 
     `prefixes` holds (index, prompt_token_ids, response_prefix_token_ids); identical
     prompt + prefix token sequences are sampled once and share the estimate (the first index
     that asked scores them). Returns {tuple(prompt + prefix): estimate}.
+
+    Seeds: with `sample_seeds` (one per index) the j-th distinct prefix of index i samples with
+    seed `sample_seeds[i] + 7919 j`, so the result does not depend on which other samples share
+    the call (the trainer splits a batch over data-parallel ranks); else `seed + request number`.
     """
     unique: dict[tuple[int, ...], tuple[int, list[int]]] = {}
+    seeds: dict[tuple[int, ...], int | None] = {}
+    per_index: dict[int, int] = {}
     for index, prompt, prefix in prefixes:
         key = tuple(prompt) + tuple(prefix)
         if key not in unique:
             unique[key] = (index, list(prefix))
+            if sample_seeds is not None:
+                seeds[key] = sample_seeds[index] + 7919 * per_index.get(index, 0)
+                per_index[index] = per_index.get(index, 0) + 1
+            else:
+                seeds[key] = None if seed is None else seed + len(seeds)
     keys = list(unique)
     requests = [
         GenerationRequest(
@@ -161,22 +192,23 @@ def estimate_boundary_values(
                 top_k=config.top_k,
                 max_tokens=max(1, config.max_response_tokens - len(unique[key][1])),
                 stop_token_ids=list(config.stop_token_ids),
-                seed=None if seed is None else seed + request_number,
+                seed=seeds[key],
             ),
             request_id=f"spo-chain-{request_number}",
         )
         for request_number, key in enumerate(keys)
     ]
     results = engine.generate(requests) if requests else []
-    estimates = {}
+    items = []
     for key, result in zip(keys, results):
         index, prefix = unique[key]
-        rewards = [
-            float(score_fn(index, prefix + completion.token_ids, completion.finish_reason))
-            for completion in result.completions
-        ]
-        if not rewards:
+        if not result.completions:
             raise RuntimeError(f"engine returned no completions for request {result.request.request_id}")
+        items += [(index, prefix + c.token_ids, c.finish_reason) for c in result.completions]
+    scores = iter(score_all(score_fn, items))
+    estimates = {}
+    for key, result in zip(keys, results):
+        rewards = [next(scores) for _ in result.completions]
         estimates[key] = BoundaryEstimate(value=sum(rewards) / len(rewards), rewards=rewards)
     return estimates
 
@@ -189,6 +221,7 @@ def build_chain_samples(
     *,
     old_logprobs: Sequence[Sequence[float]] | None = None,
     seed: int | None = None,
+    sample_seeds: Sequence[int] | None = None,
 ) -> list[Sample]:
     """Attach SPO-chain advantages to scored responses (see the module docstring).
 
@@ -217,7 +250,7 @@ def build_chain_samples(
         for i, (sample, cuts) in enumerate(zip(samples, cut_points_per_sample))
         for cut in cuts
     ]
-    estimates = estimate_boundary_values(prefixes, engine, score_fn, config, seed=seed)
+    estimates = estimate_boundary_values(prefixes, engine, score_fn, config, seed=seed, sample_seeds=sample_seeds)
 
     built = []
     for sample, cuts in zip(samples, cut_points_per_sample):

@@ -150,6 +150,47 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return log_ratio.exp() - log_ratio - 1.0
 
 
+@dataclasses.dataclass(kw_only=True)
+class SegmentLossTerms:
+    """Per-token pieces of the segment loss, zero outside the loss mask, (B, T) each."""
+
+    pg: torch.Tensor
+    """max(-A~ r, -A~ clip(r)) on masked tokens."""
+    kl: torch.Tensor | None
+    """Clamped k3 KL to the reference on masked tokens; None without a reference."""
+    clipped: torch.Tensor
+    """1.0 where the clipped branch was taken (detached)."""
+    ratio: torch.Tensor
+    """pi_theta / pi_old (detached)."""
+
+
+def segment_loss_terms(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    config: SegmentLossConfig,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+) -> SegmentLossTerms:
+    """The per-token terms `segment_policy_loss` aggregates; the trainer sums them itself so the
+    token mean runs over the whole mini-batch on every rank. All (B, T)."""
+    mask_f = loss_mask.to(logprobs.dtype)
+    log_ratio = ((logprobs - old_logprobs) * mask_f).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - config.clip_ratio, 1.0 + config.clip_ratio)
+    kl = None
+    if ref_logprobs is not None:
+        kl = (k3_kl(logprobs, ref_logprobs) * mask_f).clamp(0.0, config.kl_clamp_max)
+    return SegmentLossTerms(
+        pg=torch.maximum(unclipped, clipped) * mask_f,
+        kl=kl,
+        clipped=((clipped > unclipped).to(mask_f.dtype) * mask_f).detach(),
+        ratio=ratio.detach(),
+    )
+
+
 def segment_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -160,32 +201,23 @@ def segment_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
 ) -> SegmentLossOutput:
     """PPO-clip loss on segment advantages (formula in the module docstring). All (B, T)."""
+    if config.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (the frozen reference model's)")
+    terms = segment_loss_terms(logprobs, old_logprobs, advantages, loss_mask, config,
+                               ref_logprobs=ref_logprobs if config.kl_coef > 0 else None)
     mask_f = loss_mask.to(logprobs.dtype)
     num_masked = mask_f.sum()
     denominator = num_masked.clamp_min(1.0)
-
-    log_ratio = ((logprobs - old_logprobs) * mask_f).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - config.clip_ratio, 1.0 + config.clip_ratio)
-    pg_loss = (torch.maximum(unclipped, clipped) * mask_f).sum() / denominator
-
-    if config.kl_coef > 0:
-        if ref_logprobs is None:
-            raise ValueError("kl_coef > 0 needs ref_logprobs (the frozen reference model's)")
-        per_token_kl = (k3_kl(logprobs, ref_logprobs) * mask_f).clamp(0.0, config.kl_clamp_max)
-        kl_loss = config.kl_coef * per_token_kl.sum(dim=-1).mean()
+    pg_loss = terms.pg.sum() / denominator
+    if terms.kl is not None:
+        kl_loss = config.kl_coef * terms.kl.sum(dim=-1).mean()
     else:
         kl_loss = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-
-    with torch.no_grad():
-        clip_fraction = ((clipped > unclipped).to(mask_f.dtype) * mask_f).sum() / denominator
-        mean_ratio = (ratio * mask_f).sum() / denominator
     return SegmentLossOutput(
         loss=pg_loss + kl_loss,
         pg_loss=pg_loss,
         kl_loss=kl_loss,
-        clip_fraction=clip_fraction,
-        mean_ratio=mean_ratio,
+        clip_fraction=terms.clipped.sum() / denominator,
+        mean_ratio=(terms.ratio * mask_f).sum() / denominator,
         num_masked_tokens=num_masked.detach(),
     )

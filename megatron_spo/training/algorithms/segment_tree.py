@@ -43,7 +43,7 @@ from megatron_spo.rollout.types import (
     SamplingParams,
 )
 from megatron_spo.training.algorithms import TOKEN_ADVANTAGES_KEY
-from megatron_spo.training.algorithms.segment_chain import ScoreFn
+from megatron_spo.training.algorithms.segment_chain import ScoreFn, score_all
 from megatron_spo.training.algorithms.segment_loss import SegmentLossConfig
 
 
@@ -109,8 +109,14 @@ def expand_trees(
     config: SegmentTreeConfig,
     *,
     seed: int | None = None,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> list[TreeNode]:
-    """Grow one tree per prompt, level by level (one engine call per level), score the leaves."""
+    """Grow one tree per prompt, level by level (one engine call per level), score the leaves.
+
+    Seeds: with `prompt_seeds` (one per prompt) the j-th node of prompt i expanded at level d
+    samples with seed `prompt_seeds[i] + 1_000_003 d + 7919 j`, independent of the other prompts
+    in the call (the trainer splits a batch over data-parallel ranks); else `seed + request number`.
+    """
     roots = [TreeNode(prompt_index=i, response_token_ids=[]) for i in range(len(prompt_token_ids))]
     open_nodes = list(roots)
     num_levels = len(config.branching_factors)
@@ -120,7 +126,14 @@ def expand_trees(
             break
         last_level = level == num_levels - 1
         requests = []
+        per_prompt: dict[int, int] = {}
         for node in open_nodes:
+            if prompt_seeds is not None:
+                j = per_prompt.get(node.prompt_index, 0)
+                per_prompt[node.prompt_index] = j + 1
+                request_seed = prompt_seeds[node.prompt_index] + 1_000_003 * level + 7919 * j
+            else:
+                request_seed = None if seed is None else seed + request_number
             budget = config.max_response_tokens - len(node.response_token_ids)
             requests.append(
                 GenerationRequest(
@@ -132,14 +145,14 @@ def expand_trees(
                         top_k=config.top_k,
                         max_tokens=budget if last_level else min(config.segment_tokens, budget),
                         stop_token_ids=list(config.stop_token_ids),
-                        seed=None if seed is None else seed + request_number,
+                        seed=request_seed,
                     ),
                     request_id=f"spo-tree-{level}-{request_number}",
                 )
             )
             request_number += 1
         results = engine.generate(requests)
-        next_open = []
+        next_open, leaves = [], []
         for node, result in zip(open_nodes, results):
             for completion in result.completions:
                 child = TreeNode(
@@ -155,9 +168,11 @@ def expand_trees(
                 if completion.finish_reason == "length" and not last_level and not out_of_budget:
                     next_open.append(child)
                 else:
-                    child.reward = float(
-                        score_fn(node.prompt_index, child.response_token_ids, completion.finish_reason)
-                    )
+                    leaves.append(child)
+        rewards = score_all(score_fn, [(leaf.prompt_index, leaf.response_token_ids, leaf.finish_reason)
+                                       for leaf in leaves])
+        for leaf, reward in zip(leaves, rewards):
+            leaf.reward = reward
         open_nodes = next_open
     for root in roots:
         compute_node_values(root)
@@ -222,9 +237,10 @@ def build_tree_samples(
     *,
     prompt_keys: Sequence[int] | None = None,
     seed: int | None = None,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> tuple[list[Sample], list[TreeNode]]:
     """Expand the trees and turn their edges into training samples (module docstring)."""
     if prompt_keys is not None and len(prompt_keys) != len(prompt_token_ids):
         raise ValueError(f"{len(prompt_keys)} prompt keys for {len(prompt_token_ids)} prompts")
-    roots = expand_trees(prompt_token_ids, engine, score_fn, config, seed=seed)
+    roots = expand_trees(prompt_token_ids, engine, score_fn, config, seed=seed, prompt_seeds=prompt_seeds)
     return tree_edge_samples(roots, prompt_token_ids, config, prompt_keys=prompt_keys), roots

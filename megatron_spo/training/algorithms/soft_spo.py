@@ -41,7 +41,7 @@ import torch
 
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams
-from megatron_spo.training.algorithms.segment_chain import ScoreFn
+from megatron_spo.training.algorithms.segment_chain import ScoreFn, score_all
 from megatron_spo.value.keys import prompt_key as text_prompt_key
 
 SoftLossType = Literal["squared", "cross_entropy"]
@@ -72,8 +72,28 @@ class SoftSPOConfig:
     """Inside log(1 - p + eps) of the cross-entropy loss (authors' value)."""
     max_response_tokens: int = 1024
     """Budget of the reference samples drawn for Q0, in tokens."""
+    reward_offset: float = 0.0
+    """Added to the task reward before the loss and the Q0 estimate. The Q0 clamp and the
+    cross_entropy loss assume rewards <= 0: binary {0, 1} rewards want -1.0 (0 for a correct
+    answer, -1 for a wrong one)."""
+    offpolicy_files: list[str] = dataclasses.field(default_factory=list)
+    """Trainer: external sequences (jsonl, `load_offpolicy_jsonl`) mixed into every step. A
+    record needs its prompt's ground truth as "answer" (to estimate Q0 from reference samples)
+    or a "q0" value of its own."""
+    offpolicy_per_step: int = 0
+    """Trainer: external sequences added to each step (drawn without replacement, seeded)."""
+    replay_buffer_size: int = 0
+    """Trainer: the most recent policy sequences kept per rank for replay; 0 = no replay."""
+    replay_per_step: int = 0
+    """Trainer: sequences drawn from the replay buffer into each step, per rank."""
 
     def __post_init__(self):
+        if self.offpolicy_per_step < 0 or self.replay_buffer_size < 0 or self.replay_per_step < 0:
+            raise ValueError("offpolicy_per_step, replay_buffer_size and replay_per_step must be >= 0")
+        if self.offpolicy_per_step and not self.offpolicy_files:
+            raise ValueError("offpolicy_per_step > 0 needs offpolicy_files")
+        if self.replay_per_step and not self.replay_buffer_size:
+            raise ValueError("replay_per_step > 0 needs replay_buffer_size > 0")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.loss_type not in ("squared", "cross_entropy"):
@@ -162,11 +182,13 @@ def estimate_prompt_q0(
     config: SoftSPOConfig,
     *,
     seed: int | None = None,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> list[float]:
     """Q0 per prompt from `q0_num_samples` samples of pi_ref (one engine call).
 
     The engine must serve the reference weights and sample from them as they are (temperature
-    1, no top-p / top-k), or Q0 is the soft value of a different policy.
+    1, no top-p / top-k), or Q0 is the soft value of a different policy. Prompt i samples with
+    seed `prompt_seeds[i]` when given, else `seed + i`.
     """
     requests = [
         GenerationRequest(
@@ -177,19 +199,16 @@ def estimate_prompt_q0(
                 top_p=1.0,
                 top_k=-1,
                 max_tokens=config.max_response_tokens,
-                seed=None if seed is None else seed + i,
+                seed=prompt_seeds[i] if prompt_seeds is not None else (None if seed is None else seed + i),
             ),
             request_id=f"soft-spo-q0-{i}",
         )
         for i, prompt in enumerate(prompt_token_ids)
     ]
-    results = reference_engine.generate(requests)
-    return [
-        estimate_q0(
-            [score_fn(i, c.token_ids, c.finish_reason) for c in result.completions], config
-        )
-        for i, result in enumerate(results)
-    ]
+    results = reference_engine.generate(requests) if requests else []
+    scores = iter(score_all(score_fn, [(i, c.token_ids, c.finish_reason)
+                                       for i, result in enumerate(results) for c in result.completions]))
+    return [estimate_q0([next(scores) for _ in result.completions], config) for result in results]
 
 
 def prompt_key_of(prompt_token_ids: Sequence[int]) -> int:
@@ -207,6 +226,12 @@ def _token_ids_field(record: dict, key: str, where: str) -> list[int]:
     return value
 
 
+def _finite(value, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
 def load_offpolicy_jsonl(
     path: str | os.PathLike, *, tokenize: Callable[[str], list[int]] | None = None
 ) -> list[Sample]:
@@ -216,7 +241,8 @@ def load_offpolicy_jsonl(
         {"prompt_token_ids": [1, 2], "response_token_ids": [3, 4, 5], "reward": 0.0}
 
     Text fields need `tokenize` (prompt and response are tokenised separately, so the response
-    tokens are exactly the completion); token-id fields are used as given. The prompt key is the
+    tokens are exactly the completion); token-id fields are used as given. Optional "answer" (the
+    prompt's ground truth) and "q0" (its soft value) are kept for the trainer. The prompt key is the
     record's integer "prompt_key" if present, else the value store's key of the prompt text
     (`megatron_spo.value.keys.prompt_key`), else `prompt_key_of` its token ids. Blank lines are
     skipped.
@@ -277,7 +303,8 @@ def load_offpolicy_jsonl(
                 reward=float(reward),
                 prompt_text=record.get("prompt") if isinstance(record.get("prompt"), str) else None,
                 response_text=record.get("response") if isinstance(record.get("response"), str) else None,
-                extra={"source": where},
+                ground_truth=None if record.get("answer") is None else str(record["answer"]),
+                extra={"source": where, **({"q0": _finite(record["q0"], "q0", where)} if "q0" in record else {})},
             )
         )
     if not samples:
