@@ -14,7 +14,7 @@ variants) are composed here, not copied, so each default lives in exactly one pl
 
 Layout (every leaf is settable as `section.key=value` on the command line):
 
-    run_dir, seed, total_steps, total_epochs
+    run_dir, seed, total_steps, total_epochs, max_generated_tokens
     model:      hf_dir, dtype
     parallel:   tp, pp, vpp
     data:       train_files, val_files, prompt_key, answer_key, shuffle, prompt.*
@@ -392,6 +392,11 @@ class TrainConfig:
     """Training steps; None = total_epochs passes over the training prompts."""
     total_epochs: int = 500
     """Passes over the data when total_steps is None (the authors' 500: run until stopped)."""
+    max_generated_tokens: int | None = None
+    """Also stop once the run has generated this many tokens (`rollout/total_generated_tokens`:
+    responses, SPO-chain continuations and SPO-tree nodes count; soft-SPO's one-off reference
+    samples for Q0 are reported apart, as `rollout/reference_tokens`); None = no limit. Compares
+    algorithms at equal sampling cost."""
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
@@ -408,6 +413,8 @@ class TrainConfig:
             raise ValueError(f"total_steps must be >= 1 or null, got {self.total_steps}")
         if self.total_epochs < 1:
             raise ValueError(f"total_epochs must be >= 1, got {self.total_epochs}")
+        if self.max_generated_tokens is not None and self.max_generated_tokens < 1:
+            raise ValueError(f"max_generated_tokens must be >= 1 or null, got {self.max_generated_tokens}")
         name = self.algorithm.name
         if self.rollout.n is None:  # resolve, so the saved effective config states it
             self.rollout.n = 8 if name == "grpo" else 1

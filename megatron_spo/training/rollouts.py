@@ -177,7 +177,7 @@ def attach_chain_advantages(rollout: Rollout, engine, scorer: PromptScorer, conf
     ]
     # continuations of sequence i score against its own prompt: index by sequence
     seq_scorer = PromptScorer(scorer.pool, scorer.tokenizer, [p.answer for p in rollout.prompts], offset=scorer.offset)
-    counting = _CountingEngine(engine)
+    counting = CountingEngine(engine)
     built = build_chain_samples(samples, counting, seq_scorer, config, old_logprobs=old_logprobs, sample_seeds=seeds)
     scorer.failures += seq_scorer.failures
     rollout.token_advantages = [s.extra[TOKEN_ADVANTAGES_KEY] for s in built]
@@ -192,7 +192,7 @@ def tree_rollout(engine, scorer: PromptScorer, batch: Sequence[Prompt], mine: Se
 
     local = [batch[i] for i in mine]
     local_scorer = PromptScorer(scorer.pool, scorer.tokenizer, [p.answer for p in local], offset=scorer.offset)
-    counting = _CountingEngine(engine)
+    counting = CountingEngine(engine)
     samples, roots = build_tree_samples([p.token_ids for p in local], counting, local_scorer, config,
                                         prompt_keys=list(range(len(local))), prompt_seeds=[seeds[i] for i in mine])
     scorer.failures += local_scorer.failures
@@ -212,7 +212,7 @@ def tree_rollout(engine, scorer: PromptScorer, batch: Sequence[Prompt], mine: Se
     return rollout
 
 
-class _CountingEngine:
+class CountingEngine:
     """Passes requests to an engine and counts the tokens it generates."""
 
     def __init__(self, engine):

@@ -110,6 +110,7 @@ class Trainer:
         self.sampling = self._sampling()
         self.objective = self._objective()
         self.q0: dict[int, float] = {}  # soft_spo: soft value of each prompt under the reference
+        self.reference_tokens = 0  # soft_spo: tokens sampled from the reference for Q0
         self.replay: list[dict] = []  # soft_spo: this rank's recent policy sequences
         self.offpolicy = self._load_offpolicy()
         self.step = 0
@@ -312,7 +313,9 @@ class Trainer:
         scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [needed[k][1] for k in mine],
                                        offset=soft.reward_offset)
         seeds = [step_seed(self.config.seed + 17, 0, k % (2**31 - 1)) for k in mine]
-        values = estimate_prompt_q0([needed[k][0] for k in mine], self.engine, scorer, soft, prompt_seeds=seeds)
+        counting = rollouts.CountingEngine(self.engine)
+        values = estimate_prompt_q0([needed[k][0] for k in mine], counting, scorer, soft, prompt_seeds=seeds)
+        self.reference_tokens += int(self._reduce_sum(torch.tensor([float(counting.tokens)]))[0].item())
         found = dict(zip(mine, values))
         if self.dp > 1:
             gathered = [None] * self.dp
@@ -436,6 +439,8 @@ class Trainer:
             # weights at temperature 1 (a sync bug or a precision gap shows here first)
             "rollout/logprob_mismatch": mismatch[0].item() / max(mismatch[1].item(), 1.0),
         }
+        if self.algorithm == "soft_spo":
+            metrics["rollout/reference_tokens"] = float(self.reference_tokens)
         if p_hat_all is not None:
             metrics.update({"p_hat/mean": float(p_hat_all.mean()), "p_hat/std": float(p_hat_all.std()),
                             "p_hat/min": float(p_hat_all.min()), "p_hat/max": float(p_hat_all.max())})
@@ -630,7 +635,7 @@ class Trainer:
                 "generated_tokens": self.generated_tokens,
                 "sample_rng": self.sample_rng.bit_generator.state,
                 "world_size": par.world_size, "tp": par.tp, "pp": par.pp,
-                "q0": {str(k): v for k, v in sorted(self.q0.items())},
+                "q0": {str(k): v for k, v in sorted(self.q0.items())}, "reference_tokens": self.reference_tokens,
             })
             self._prune_checkpoints()
         _barrier(par)
@@ -669,6 +674,7 @@ class Trainer:
         torch.set_rng_state(rank_state["torch_rng"])
         self.replay = rank_state.get("replay", [])
         self.q0 = {int(k): v for k, v in state.get("q0", {}).items()}
+        self.reference_tokens = state.get("reference_tokens", 0)
         if self.store is not None:
             self.store = ValueStore.load(latest / "value_store", self.config.spo,
                                          group=self.parallel.dp_group if self.dp > 1 else None)
@@ -693,7 +699,8 @@ class Trainer:
         last: dict[str, float] = {}
         if cfg.eval.before_train and self.step == 0:
             self.logger.log(0, self.evaluate())
-        while self.step < total:
+        budget = cfg.max_generated_tokens
+        while self.step < total and not (budget and self.generated_tokens >= budget):
             metrics = self.train_step()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 metrics.update(self.evaluate())
