@@ -11,7 +11,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
 VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
 
-.PHONY: install install-vllm test test-vllm test-fast demo bench clean
+.PHONY: install install-vllm test test-vllm test-fast demo bench bench-trl clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -47,6 +47,22 @@ test-fast: install
 
 demo: install
 	$(PYTHON) -m megatron_spo demo
+
+# bench/vs_trl.py against TRL's GRPOTrainer: TRL gets its own venv (it brings its own transformers);
+# the bench itself runs in .venv and drives TRL there as a subprocess. BENCH_TRL_ARGS=--quick for a smoke run.
+TRL_VENV ?= .venv-trl
+BENCH_TRL_ARGS ?=
+
+$(TRL_VENV)/.installed:
+	test -x $(TRL_VENV)/bin/python || $(PY) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/python -m pip install -q trl==1.16.0
+	$(TRL_VENV)/bin/python -c "import torch, trl; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $@
+
+bench-trl: install $(TRL_VENV)/.installed
+	$(PYTHON) bench/vs_trl.py --trl-python $(TRL_VENV)/bin/python $(BENCH_TRL_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info
