@@ -137,3 +137,30 @@ def tiny_train_setup(root: Path, *, family: str = "qwen3", prompts: int = 24) ->
         "eval": {"every_steps": 0},
         "logging": {"tensorboard": False, "progress_bar": False},
     }
+
+
+# small versions of each algorithm's sampling for trainer tests on `tiny_train_setup` models
+ALGORITHM_OVERRIDES = {
+    "spo": {},
+    "grpo": {"rollout": {"n": 2}},
+    "spo_chain": {"algorithm": {"spo_chain": {"num_continuations": 2, "cut_interval": 2, "max_response_tokens": 8,
+                                              "temperature": 1.0, "top_p": 1.0}}},
+    "spo_tree": {"algorithm": {"spo_tree": {"branching_factors": [2, 2], "segment_tokens": 3,
+                                            "max_response_tokens": 8, "temperature": 1.0, "top_p": 1.0}}},
+    "soft_spo": {"algorithm": {"soft_spo": {"q0_num_samples": 4, "reward_offset": -1.0, "beta": 0.1,
+                                            "max_response_tokens": 8}}},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Nested dict update (returns a new dict)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def algorithm_setup(root: Path, name: str) -> dict:
+    """`tiny_train_setup` overrides running algorithm `name` with small sampling settings."""
+    return merge(tiny_train_setup(root), {**ALGORITHM_OVERRIDES[name], "algorithm": {
+        **ALGORITHM_OVERRIDES[name].get("algorithm", {}), "name": name}})

@@ -19,7 +19,9 @@ Layout (every leaf is settable as `section.key=value` on the command line):
     parallel:   tp, pp, vpp
     data:       train_files, val_files, prompt_key, answer_key, shuffle, prompt.*
     algorithm:  name (spo | grpo | spo_chain | spo_tree | soft_spo), advantage eps,
-                spo_chain.*, spo_tree.*, soft_spo.*
+                spo_chain.*, spo_tree.*, soft_spo.* (spo_chain / spo_tree sample with their own
+                temperature, top_p, top_k and max_response_tokens, and the loss reads log-probs
+                at that temperature; the others use rollout.*; soft_spo trains at temperature 1)
     rollout:    engine, n, temperature, top_p, top_k, max_response_tokens, agent loop,
                 engine knobs, reward.*, weight_sync.*, sandbox.*
     loss:       clip_ratio_low/high/c, loss_agg, kl_coef, kl_estimator, entropy_coef
@@ -428,6 +430,17 @@ class TrainConfig:
                 f"rollout.n={self.rollout.n}: algorithm 'grpo' needs at least 2 responses per prompt "
                 "for a group baseline"
             )
+        if name in ("spo_chain", "spo_tree", "soft_spo"):
+            if self.loss.kl_coef or self.loss.entropy_coef:
+                where = f"algorithm.{name}.loss" if name != "soft_spo" else "algorithm.soft_spo (beta)"
+                raise UserError(f"loss.kl_coef / loss.entropy_coef apply to spo and grpo; {name} takes its "
+                                f"reference terms from {where}")
+        if name in ("spo_chain", "spo_tree") and self.rollout.agent == "tool":
+            raise UserError(f"rollout.agent=tool: {name} cuts responses into segments and continues them, "
+                            "which does not cross tool output; use spo, grpo or soft_spo with the tool agent")
+        if name == "spo_tree" and self.rollout.n != 1:
+            raise UserError(f"rollout.n={self.rollout.n}: spo_tree samples by its branching factors "
+                            "(algorithm.spo_tree.branching_factors); leave n at 1")
         if name == "spo" and self.batch.gen_batch_size < self.batch.train_batch_size:
             raise UserError(
                 f"batch.gen_batch_size ({self.batch.gen_batch_size}) must be >= batch.train_batch_size "

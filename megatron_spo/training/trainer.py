@@ -406,7 +406,7 @@ class Trainer:
         adv = self._advantages(rollout, data, old, mask, rewards, p_hat_all)
 
         t_train = time.perf_counter()
-        update = self._update_actor(data)
+        update = self._update_actor(data, self._mini_batch_of(rollout))
         train_seconds = time.perf_counter() - t_train
 
         value_metrics = self._update_values(rollout, rewards) if self.store is not None else {}
@@ -488,32 +488,45 @@ class Trainer:
             torch.distributed.all_reduce(abs_max, op=torch.distributed.ReduceOp.MAX, group=self.parallel.dp_group)
         return stats, abs_max
 
-    def _update_actor(self, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _mini_batch_of(self, rollout: Rollout) -> list[int]:
+        """Mini-batch of each sequence: mini-batch k holds every sequence of the global batch's
+        prompts [k m, (k+1) m), m = batch.mini_batch_size, whichever rank holds them, so the
+        split does not depend on DP. Sequences from outside the batch (soft-SPO's file and replay
+        sequences) are spread evenly over the mini-batches."""
+        cfg = self.config.batch
+        parts = cfg.train_batch_size // cfg.mini_batch_size
+        extra = [row for row, i in enumerate(rollout.prompt_index) if i < 0]
+        out = [i // cfg.mini_batch_size if i >= 0 else 0 for i in rollout.prompt_index]
+        for j, row in enumerate(extra):
+            out[row] = j * parts // len(extra)
+        return out
+
+    def _update_actor(self, data: dict[str, torch.Tensor], mini_batch_of: list[int]) -> dict[str, float]:
         """Optimizer steps over mini-batches x epochs; returns the step's actor metrics.
 
         Every rank takes the same number of mini-batches per epoch (train_batch_size /
-        mini_batch_size); a rank with fewer sequences than that (spo_tree drops edges) trains a
+        mini_batch_size); a rank without sequences in one (spo_tree drops edges) trains a
         masked-out row, so collectives line up. A mini-batch whose global mask is empty is
         skipped (its loss would divide by zero)."""
         from megatron_spo.training.logprobs import microbatches, microbatches_by_tokens
 
         cfg = self.config
         budget = cfg.batch.max_tokens_per_micro_batch
-        n_local = data["input_ids"].shape[0]
         parts = cfg.batch.train_batch_size // cfg.batch.mini_batch_size
-        bounds = [n_local * k // parts for k in range(parts + 1)]
+        owner = torch.tensor(mini_batch_of, dtype=torch.long)
         sums: dict[str, float] = {}
         updates = skipped_empty = 0
         for _ in range(cfg.batch.epochs):
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                mini = {k: v[lo:hi] for k, v in data.items()}
-                counts = self._reduce_sum(torch.tensor([float(mini["response_mask"].sum()), float(hi - lo)]))
+            for part in range(parts):
+                rows = torch.nonzero(owner == part).flatten()
+                mini = {k: v[rows] for k, v in data.items()}
+                counts = self._reduce_sum(torch.tensor([float(mini["response_mask"].sum()), float(len(rows))]))
                 if counts[0] == 0:
                     skipped_empty += 1
                     continue
                 # segment KL: per-sequence sums averaged over the mini-batch's sequences
-                mini["kl_scale"] = torch.full((hi - lo,), float(counts[0] / counts[1]))
-                if hi == lo:
+                mini["kl_scale"] = torch.full((len(rows),), float(counts[0] / counts[1]))
+                if not len(rows):
                     mini = _blank_row(mini)
                 mbs = (microbatches_by_tokens(mini, mini["lengths"], budget) if budget
                        else microbatches(mini, cfg.batch.micro_batch_size))

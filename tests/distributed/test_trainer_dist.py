@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import tiny_train_setup
+from helpers import algorithm_setup, tiny_train_setup
 
 pytestmark = pytest.mark.distributed
 
@@ -75,6 +75,23 @@ def test_one_step_at_dp2_tp2_pp2_equals_single_process(spawn, tmp_path):
         results = spawn(2, _train, {**base, "run_dir": str(tmp_path / f"tp{tp}pp{pp}")}, 2, tp, pp)
         for rank, res in enumerate(results):
             _assert_same(single, res, f"TP={tp} PP={pp} rank {rank}")
+
+
+@pytest.mark.parametrize("algorithm", ["spo_chain", "spo_tree", "soft_spo"])
+def test_other_spos_one_step_at_tp2_equals_tp1(spawn, tmp_path, algorithm):
+    """One step of each of the other SPOs at TP=2 equals the unsplit model's step (metrics and
+    parameters); spo_tree also at DP=2, where ranks hold different numbers of edges."""
+    base = {**algorithm_setup(tmp_path, algorithm), "checkpoint": {"every_steps": 0}}
+    single = spawn(1, _train, {**base, "run_dir": str(tmp_path / "single")}, 1)[0]
+    h = single["history"][0]
+    assert h["rollout/train_sequences"] > 0 and h["actor/grad_norm"] > 0  # a real update happened
+    if algorithm != "soft_spo":
+        assert h["actor/kl_ref"] >= 0  # the reference model took part (k3 term on by default)
+    layouts = [(2, 1)] + ([(1, 1)] if algorithm == "spo_tree" else [])  # (1, 1) on two processes is DP=2
+    for tp, pp in layouts:
+        results = spawn(2, _train, {**base, "run_dir": str(tmp_path / f"tp{tp}")}, 1, tp, pp)
+        for rank, res in enumerate(results):
+            _assert_same(single, res, f"{algorithm} TP={tp} PP={pp} rank {rank}")
 
 
 def test_kill_during_checkpoint_write_is_ignored_on_resume(tmp_path):

@@ -162,3 +162,23 @@ def test_recipe_script_switches_algorithm_and_agent():
     bad = subprocess.run(["bash", str(EXAMPLES / "qwen3_8b_dapo" / "run.sh")], capture_output=True, text=True,
                          env={**env, "ALGO": "ppo"})
     assert bad.returncode == 2 and "ALGO must be spo or grpo" in bad.stderr
+
+
+def _readme_train_commands() -> list[list[str]]:
+    """`megatron-spo train --config ...` commands of the README (continuation lines joined)."""
+    import shlex
+
+    text = (EXAMPLES.parent / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip())[2:] for line in text.splitlines()
+            if line.strip().startswith("megatron-spo train --config")]
+
+
+def test_readme_algorithm_commands_load_and_fit_two_ranks(tmp_path, monkeypatch):
+    commands = _readme_train_commands()
+    names = set()
+    for argv in commands:
+        assert argv[0] == "--config"
+        config = _load_with_stand_ins(EXAMPLES.parent / argv[1], tmp_path, monkeypatch, argv[2:])
+        config.check_world_size(2)
+        names.add(config.algorithm.name)
+    assert {"spo_chain", "spo_tree", "soft_spo"} <= names
