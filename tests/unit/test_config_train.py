@@ -66,6 +66,11 @@ def test_overrides_reach_nested_subsystem_configs(setup):
         (["spo.clip_lower=1.5"], "clip_lower"),
         (["parallel.vpp=2"], "needs pp > 1"),
         (["eval.ks=[64]"], "within 1..n=16"),
+        (["algorithm.name=spo_chain", "loss.kl_coef=0.1"], "takes its reference terms from algorithm.spo_chain.loss"),
+        (["algorithm.name=spo_tree", "rollout.agent=tool"], "does not cross tool output"),
+        (["algorithm.name=spo_tree", "rollout.n=4"], "branching_factors"),
+        (["algorithm.name=soft_spo", "algorithm.soft_spo.replay_per_step=2"], "needs replay_buffer_size > 0"),
+        (["max_generated_tokens=0"], "max_generated_tokens must be >= 1"),
     ],
 )
 def test_bad_values_give_one_clear_line(setup, overrides, message):
