@@ -21,7 +21,8 @@ from megatron_spo.errors import UserError
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="megatron-spo train", description=__doc__.split("\n\n")[0],
-        epilog="Every config key can be overridden as dotted.key=value; `--show-config` lists them.",
+        epilog="Algorithms (algorithm.name): spo (default), grpo, spo_chain, spo_tree, soft_spo. "
+               "Every config key can be overridden as dotted.key=value; `--show-config` lists them.",
     )
     parser.add_argument("--config", type=Path, help="YAML file with the TrainConfig sections")
     parser.add_argument("--show-config", action="store_true", help="list every config key with its default and stop")
