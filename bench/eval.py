@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from megatron_spo.rollout.engine import EngineConfig, make_engine  # noqa: E402
-from megatron_spo.rollout.estimate import load_records  # noqa: E402
+from megatron_spo.rollout.records import load_records  # noqa: E402
 from megatron_spo.rollout.prompts import build_prompts  # noqa: E402
 from megatron_spo.rollout.rewards import RewardConfig  # noqa: E402
 from megatron_spo.rollout.scoring import ScoringPool  # noqa: E402

@@ -35,15 +35,22 @@ from typing import Any
 
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.engine import EngineConfig, make_engine
-from megatron_spo.rollout.prompts import PromptConfig, build_prompts, to_messages
+from megatron_spo.rollout.prompts import PromptConfig, build_prompts
+from megatron_spo.rollout.records import (
+    ANSWER_KEYS,
+    PROMPT_KEYS,
+    field,
+    init_ranks,
+    load_records,
+    pick_field,
+    raw_user_prompt,
+)
 from megatron_spo.rollout.rewards import RewardConfig
 from megatron_spo.rollout.scoring import ScoringPool
 from megatron_spo.rollout.types import GenerationRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-PROMPT_KEYS = ("prompt", "question", "problem")
-ANSWER_KEYS = ("reward_model.ground_truth", "ground_truth", "answer", "solution")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -86,63 +93,6 @@ class EstimateConfig:
             raise UserError(f"--data: {self.data} is not a file")
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def load_records(path: str) -> list[dict[str, Any]]:
-    """Records of a .jsonl / .json / .parquet dataset file."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                records.append(record)
-        return records
-    if suffix == ".json":
-        with open(path, encoding="utf-8") as fh:
-            try:
-                records = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise UserError(f"{path}: expected a JSON list of objects")
-        return records
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise UserError(f"--data: {path} has suffix {suffix!r}; expected .jsonl, .json or .parquet")
-
-
-def _get(record: dict[str, Any], dotted: str) -> Any:
-    value: Any = record
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def _pick_key(records: list[dict[str, Any]], explicit: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
-    if explicit is not None:
-        return explicit
-    for key in candidates:
-        if _get(records[0], key) is not None:
-            return key
-    raise UserError(
-        f"{path}: record 0 has none of the {what} fields {', '.join(candidates)} "
-        f"(its fields: {', '.join(records[0])}); name one with --{what}-key"
-    )
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -156,52 +106,34 @@ class _Job:
     data_source: str
 
 
-def _raw_user_prompt(prompt: Any) -> str:
-    messages = to_messages(prompt)
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    return users[-1] if users else messages[-1]["content"]
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    from megatron_spo import platform
-
-    # the platform's init: the right backend, and each rank on its own device (LOCAL_RANK)
-    ctx = platform.init_distributed(tp=1, pp=1)
-    return ctx.rank, ctx.world_size
-
-
 def run(config: EstimateConfig) -> dict[str, Any]:
     """Run the estimate; rank 0 writes the files and returns the summary (other ranks: {})."""
     started = time.perf_counter()
-    rank, world = _distributed()
+    rank, world = init_ranks()
     records = load_records(config.data)
     if not records:
         raise UserError(f"--data: {config.data} holds no records")
-    prompt_field = _pick_key(records, config.prompt_key, PROMPT_KEYS, "prompt", config.data)
-    answer_field = _pick_key(records, config.answer_key, ANSWER_KEYS, "answer", config.data)
+    prompt_field = pick_field(records, config.prompt_key, PROMPT_KEYS, "prompt", config.data)
+    answer_field = pick_field(records, config.answer_key, ANSWER_KEYS, "answer", config.data)
     for i, record in enumerate(records):
-        if _get(record, prompt_field) is None:
+        if field(record, prompt_field) is None:
             raise UserError(f"{config.data}: record {i} has no {prompt_field!r}")
-        if _get(record, answer_field) is None:
+        if field(record, answer_field) is None:
             raise UserError(f"{config.data}: record {i} has no {answer_field!r}")
 
     engine = make_engine(config.engine)
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
         raise UserError(f"--model: {config.engine.model} has no tokenizer; prompts need one")
-    batch = build_prompts([_get(r, prompt_field) for r in records], tokenizer, config.prompt)
+    batch = build_prompts([field(r, prompt_field) for r in records], tokenizer, config.prompt)
     default_source = Path(config.data).stem
     jobs = [
         _Job(
             index=p.index,
             prompt_text=tokenizer.decode(p.token_ids, skip_special_tokens=True),
             token_ids=p.token_ids,
-            raw_prompt=_raw_user_prompt(_get(records[p.index], prompt_field)),
-            ground_truth=_get(records[p.index], answer_field),
+            raw_prompt=raw_user_prompt(field(records[p.index], prompt_field)),
+            ground_truth=field(records[p.index], answer_field),
             data_source=str(records[p.index].get("data_source", default_source)),
         )
         for p in batch.prompts

@@ -39,7 +39,7 @@ from typing import Any
 
 from megatron_spo import atomic
 from megatron_spo.errors import UserError
-from megatron_spo.rollout.estimate import ANSWER_KEYS, PROMPT_KEYS, _distributed, _get, _pick_key, load_records
+from megatron_spo.rollout.records import ANSWER_KEYS, PROMPT_KEYS, field, init_ranks, load_records, pick_field
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts
 from megatron_spo.rollout.rewards import RewardConfig, normalize_answer
 from megatron_spo.rollout.scoring import ScoringPool
@@ -151,15 +151,15 @@ def evaluate(
     """
     if not records:
         raise UserError("eval: no records to evaluate")
-    prompt_field = _pick_key(list(records), settings.prompt_key, PROMPT_KEYS, "prompt", default_source)
-    answer_field = _pick_key(list(records), settings.answer_key, ANSWER_KEYS, "answer", default_source)
+    prompt_field = pick_field(list(records), settings.prompt_key, PROMPT_KEYS, "prompt", default_source)
+    answer_field = pick_field(list(records), settings.answer_key, ANSWER_KEYS, "answer", default_source)
     for i, record in enumerate(records):
-        if _get(record, prompt_field) is None:
+        if field(record, prompt_field) is None:
             raise UserError(f"{default_source}: record {i} has no {prompt_field!r}")
-        if _get(record, answer_field) is None:
+        if field(record, answer_field) is None:
             raise UserError(f"{default_source}: record {i} has no {answer_field!r}")
 
-    batch = build_prompts([_get(r, prompt_field) for r in records], tokenizer, settings.prompt)
+    batch = build_prompts([field(r, prompt_field) for r in records], tokenizer, settings.prompt)
     mine = batch.prompts[rank::world_size] if split_over_ranks else batch.prompts
     scores_here = split_over_ranks or rank == 0
     own_pool = pool is None and scores_here
@@ -176,7 +176,7 @@ def evaluate(
         if not scores_here:
             continue
         texts = [c.text or "" for r in results for c in r.completions]
-        truths = [str(_get(records[p.index], answer_field)) for p, r in zip(chunk, results) for _ in r.completions]
+        truths = [str(field(records[p.index], answer_field)) for p, r in zip(chunk, results) for _ in r.completions]
         scored = pool.score(texts, truths)
         reward_failures += len(scored.failure_messages)
         offset = 0
@@ -204,10 +204,10 @@ def evaluate(
 
     for g in graded:
         record = records[g["index"]]
-        g["ground_truth"] = _get(record, answer_field)
-        for field in settings.group_by:
-            if record.get(field) is not None:
-                g[field] = record[field]
+        g["ground_truth"] = field(record, answer_field)
+        for group in settings.group_by:
+            if record.get(group) is not None:
+                g[group] = record[group]
 
     def summary_of(rows: list[dict[str, Any]]) -> dict[str, float]:
         correct = [[s >= settings.correct_min_score for s in g["scores"]] for g in rows]
@@ -222,13 +222,13 @@ def evaluate(
         "reward_failures": reward_failures,
         "overall": summary_of(graded),
     }
-    for field in settings.group_by:
-        values = sorted({str(g[field]) for g in graded if field in g}, key=_natural_order)
+    for group in settings.group_by:
+        values = sorted({str(g[group]) for g in graded if group in g}, key=_natural_order)
         if values:
-            out[f"by_{field}"] = {
+            out[f"by_{group}"] = {
                 v: {"num_prompts": len(rows), **summary_of(rows)}
                 for v in values
-                for rows in [[g for g in graded if field in g and str(g[field]) == v]]
+                for rows in [[g for g in graded if group in g and str(g[group]) == v]]
             }
     out["prompts"] = graded
     return out
@@ -361,7 +361,7 @@ def main(argv: list[str]) -> int:
     records = load_records(args.data)  # before the engine: a bad file fails in a second
     if not records:
         raise UserError(f"--data: {args.data} holds no records")
-    rank, world = _distributed()
+    rank, world = init_ranks()
     sharded = args.engine == "vllm" and args.tensor_parallel_size > 1
     engine = make_engine(engine_config)
     try:

@@ -153,7 +153,7 @@ class SFTDataset:
 
 def load_records(path: str) -> list[dict[str, Any]]:
     """Records of one dataset file (.jsonl / .json / .parquet), with errors naming the file."""
-    from megatron_spo.rollout.estimate import load_records as read
+    from megatron_spo.rollout.records import load_records as read
 
     _check_data_file(path)
     return read(path)

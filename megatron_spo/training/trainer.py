@@ -23,7 +23,6 @@ the batch is split, and a resumed run repeats an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -44,23 +43,27 @@ STATE_FILE = "trainer_state.json"
 
 
 def load_prompts(files: list[str], prompt_key: str, answer_key: str, tokenizer, prompt_config) -> tuple[list[Prompt], int]:
-    """Every record of `files` as a Prompt (skipping over-long ones); returns (prompts, skipped)."""
-    from megatron_spo.rollout.estimate import load_records
+    """Every record of `files` as a Prompt (skipping over-long ones); returns (prompts, skipped).
+
+    Keys may be dotted (`reward_model.ground_truth`); a prompt's value-store identity is its last
+    user message, as `megatron-spo values estimate` keys its offline values."""
     from megatron_spo.rollout.prompts import build_prompts
+    from megatron_spo.rollout.records import field, load_records, raw_user_prompt
     from megatron_spo.value import prompt_key as key_of
 
     records = []
     for path in files:
         for i, record in enumerate(load_records(path)):
-            if prompt_key not in record or answer_key not in record:
+            if field(record, prompt_key) is None or field(record, answer_key) is None:
                 raise UserError(f"{path}: record {i} has no {prompt_key!r} or {answer_key!r} key (has {sorted(record)})")
             records.append(record)
     if not records:
         raise UserError(f"no records in {', '.join(files)}")
-    raws = [r[prompt_key] if isinstance(r[prompt_key], str) else r[prompt_key][-1]["content"] for r in records]
-    built = build_prompts([r[prompt_key] for r in records], tokenizer, prompt_config)
+    raws = [raw_user_prompt(field(r, prompt_key)) for r in records]
+    built = build_prompts([field(r, prompt_key) for r in records], tokenizer, prompt_config)
     prompts = [
-        Prompt(key=key_of(raws[b.index]), raw=raws[b.index], token_ids=b.token_ids, answer=str(records[b.index][answer_key]))
+        Prompt(key=key_of(raws[b.index]), raw=raws[b.index], token_ids=b.token_ids,
+               answer=str(field(records[b.index], answer_key)))
         for b in built.prompts
     ]
     return prompts, len(built.skipped)
@@ -593,7 +596,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, pass@k and maj@k of the current policy (generation split over DP)."""
-        from megatron_spo.rollout.estimate import load_records
+        from megatron_spo.rollout.records import load_records
         from megatron_spo.rollout.weight_sync import sync_weights
         from megatron_spo.training.eval_cli import EvalSettings, evaluate
 
