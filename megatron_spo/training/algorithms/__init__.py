@@ -10,9 +10,11 @@ orchestration written against `megatron_spo.rollout.types.RolloutEngine`.
 - `digit_task`: the 3-digit number task whose prefix values are enumerable; a scripted
   `RolloutEngine` for exact tests and sanity checks.
 
-The trainer's contract with all of them: "build samples" returns `Sample` records whose
+The contract with the trainer: "build samples" returns `Sample` records whose
 `extra[TOKEN_ADVANTAGES_KEY]` holds one raw advantage per response token; "loss" takes
-teacher-forced logprobs, those advantages and a mask (see each module's docstring).
+teacher-forced logprobs, those advantages and a mask (see each module's docstring). The trainer
+drives them from `training.rollouts` (sample construction) and `training.objectives` (losses in
+the actor's sum / count contract) with `algorithm.name: spo_chain | spo_tree | soft_spo`.
 """
 
 TOKEN_ADVANTAGES_KEY = "token_advantages"

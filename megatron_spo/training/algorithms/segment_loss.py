@@ -20,7 +20,7 @@ As in the authors' trainer the policy-gradient term is a token mean over the mas
 below at 0 (it is >= 0 analytically) and above at `kl_clamp_max`. Deliberate difference: the
 authors skip a batch whose mean ratio exceeds 10; we leave that to the trainer's own guards.
 
-Trainer interface (all tensors (B, T) over response tokens, right-padded, response_mask 0 on pad):
+Interface (all tensors (B, T) over response tokens, right-padded, response_mask 0 on pad):
 
     advantages, loss_mask = prepare_segment_batch(token_advantages, old_logprobs, response_mask,
                                                   config, reduce_fn=dp_sum_or_None)
@@ -29,7 +29,9 @@ Trainer interface (all tensors (B, T) over response tokens, right-padded, respon
     out.loss.backward()
 
 `reduce_fn` sums a small statistics tensor over data-parallel ranks so the whitening uses the
-global batch (the authors whiten with global statistics); pass None on one rank.
+global batch (the authors whiten with global statistics); pass None on one rank. The trainer
+(`training.objectives.SegmentObjective`) sums `segment_loss_terms` itself, so its token mean runs
+over the whole mini-batch across micro-batches and ranks.
 """
 
 from __future__ import annotations
