@@ -21,7 +21,8 @@ Layout (every leaf is settable as `section.key=value` on the command line):
     algorithm:  name (spo | grpo | spo_chain | spo_tree | soft_spo), advantage eps,
                 spo_chain.*, spo_tree.*, soft_spo.* (spo_chain / spo_tree sample with their own
                 temperature, top_p, top_k and max_response_tokens, and the loss reads log-probs
-                at that temperature; the others use rollout.*; soft_spo trains at temperature 1)
+                at that temperature; the others use rollout.*; soft_spo's loss reads log-probs at
+                temperature 1)
     rollout:    engine, n, temperature, top_p, top_k, max_response_tokens, agent loop,
                 engine knobs, reward.*, weight_sync.*, sandbox.*
     loss:       clip_ratio_low/high/c, loss_agg, kl_coef, kl_estimator, entropy_coef

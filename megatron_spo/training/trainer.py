@@ -139,22 +139,28 @@ class Trainer:
         if self.algorithm in ("spo_chain", "spo_tree"):
             c = getattr(a, self.algorithm)
             return Sampling(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_tokens=c.max_response_tokens)
-        temperature = 1.0 if self.algorithm == "soft_spo" else r.temperature
-        return Sampling(temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_response_tokens)
+        return Sampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_response_tokens)
+
+    @property
+    def loss_temperature(self) -> float:
+        """Temperature of every actor / reference log-prob: the sampling one (PPO ratios and the
+        segment probability mask are about the sampling distribution), except soft_spo, whose
+        soft Q is defined on the policy itself (off-policy samples may come from anywhere)."""
+        return 1.0 if self.algorithm == "soft_spo" else self.sampling.temperature
 
     def _objective(self):
         from megatron_spo.training.objectives import PPOObjective, SegmentObjective, SoftObjective
 
         a, loss, tp_group = self.config.algorithm, self.config.loss, self.parallel.tp_group
         if self.algorithm in ("spo_chain", "spo_tree"):
-            return SegmentObjective(config=getattr(a, self.algorithm).loss, temperature=self.sampling.temperature,
+            return SegmentObjective(config=getattr(a, self.algorithm).loss, temperature=self.loss_temperature,
                                     tp_group=tp_group)
         if self.algorithm == "soft_spo":
             return SoftObjective(config=a.soft_spo, tp_group=tp_group)
         return PPOObjective(clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
                             clip_ratio_c=loss.clip_ratio_c, loss_agg=loss.loss_agg, kl_coef=loss.kl_coef,
                             kl_estimator=loss.kl_estimator, entropy_coef=loss.entropy_coef,
-                            temperature=self.sampling.temperature, tp_group=tp_group)
+                            temperature=self.loss_temperature, tp_group=tp_group)
 
     def _load_offpolicy(self) -> list:
         from megatron_spo.training.algorithms.soft_spo import load_offpolicy_jsonl
@@ -357,7 +363,7 @@ class Trainer:
         if input_ids.shape[0] == 0:
             return torch.zeros(0, input_ids.shape[1] - 1)
         return model.logprobs(input_ids, micro_batch_size=self.config.batch.micro_batch_size,
-                              temperature=self.sampling.temperature)["logprobs"]
+                              temperature=self.loss_temperature)["logprobs"]
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
