@@ -217,14 +217,15 @@ def plain_pytorch_tokens_per_s(model_dir: Path, batch: int, length: int, steps: 
     return batch * length / statistics.median(times)
 
 
-def plot(runs: dict[str, dict], path: Path, title: str) -> None:
+def plot(runs: dict[str, dict], path: Path, title: str, labels: dict[str, str] | None = None) -> None:
+    """Accuracy against generated tokens, one curve per run (`labels`: legend per run name)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    labels = {"spo": "SPO (64 prompts x 1)", "grpo": "GRPO (8 prompts x 8)"}
+    labels = labels or {"spo": "SPO (64 prompts x 1)", "grpo": "GRPO (8 prompts x 8)"}
     for name, run in runs.items():
         xs = [t / 1e3 for t, _, _ in run["curve"]]
         ys = [a for _, a, _ in run["curve"]]
