@@ -187,9 +187,11 @@ def read_ours(metrics: Path, warmup: int, dp: int) -> dict:
     start = next(r["time"] for r in rows if r["step"] == warmup)
     measured = [r for r in rows if r["step"] > warmup]
     generated = [r["rollout/generated_tokens"] for r in measured]
+    times = [start] + [r["time"] for r in measured]
     return {
         "steps": len(measured),
         "wall_s": measured[-1]["time"] - start,
+        "median_step_s": statistics.median(b - a for a, b in zip(times, times[1:])),
         "generated_per_step": statistics.mean(generated),
         "sequences_per_step": statistics.mean(r["rollout/train_sequences"] for r in measured),
         "response_length": statistics.mean(r["rollout/response_length"] for r in measured),
@@ -228,6 +230,7 @@ def run_trl(settings, setup, sft, prompts_jsonl, out, env, seed, trl_python: Pat
         "wall": wall, "loads": loads,
         "steps": len(ends) - w,
         "wall_s": ends[-1] - ends[w - 1],
+        "median_step_s": statistics.median(b - a for a, b in zip(ends[w - 1:], ends[w:])),
         "generated_per_step": statistics.mean(result["completion_mean_length"][w:]) * sequences,
         "sequences_per_step": sequences,
         "response_length": statistics.mean(result["completion_mean_length"][w:]),
@@ -309,19 +312,21 @@ def main() -> None:
     print(f"\n{settings.prompts} prompts x {settings.n} responses per step, <= {settings.max_response_tokens} "
           f"tokens, {settings.steps} steps after {settings.warmup} warm-up, best of {settings.rounds} rounds; "
           f"mean prompt {prompt_tokens:.1f} tokens")
-    print("\n| setup | trainer | s/step | generated tok/s | trained tok/s | response tokens | s/step, every round | mean load |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| setup | trainer | s/step | median s/step | generated tok/s | trained tok/s | response tokens "
+          "| s/step, every round | mean load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for setup, pair in best.items():
         for name, r in pair.items():
             label = "megatron-spo" if name == "ours" else f"TRL {r['versions']['trl_version']}"
             every = ", ".join(f"{x['step_s']:.3f}" for x in rounds[setup][name])
-            print(f"| {setup} | {label} | {r['step_s']:.3f} | {r['gen_tokens_per_s']:,.0f} | "
+            print(f"| {setup} | {label} | {r['step_s']:.3f} | {r['median_step_s']:.3f} | {r['gen_tokens_per_s']:,.0f} | "
                   f"{r['train_tokens_per_s']:,.0f} | {r['response_length']:.1f} | {every} | "
                   f"{statistics.mean(r['loads']):.2f} |")
     print()
     for setup, pair in best.items():
         ours, trl = pair["ours"], pair["trl"]
-        print(f"{setup}: ours / TRL: steps/s {trl['step_s'] / ours['step_s']:.2f}x, generated tok/s "
+        print(f"{setup}: ours / TRL: steps/s {trl['step_s'] / ours['step_s']:.2f}x (median step: "
+              f"{trl['median_step_s'] / ours['median_step_s']:.2f}x), generated tok/s "
               f"{ours['gen_tokens_per_s'] / trl['gen_tokens_per_s']:.2f}x, trained tok/s "
               f"{ours['train_tokens_per_s'] / trl['train_tokens_per_s']:.2f}x")
         p = ours["phases"]

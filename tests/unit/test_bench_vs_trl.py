@@ -30,6 +30,7 @@ def test_read_ours_excludes_warmup_and_times_from_the_last_warmup_step(tmp_path)
     run = vs_trl.read_ours(path, warmup=2, dp=1)
     assert run["steps"] == 3
     assert run["wall_s"] == pytest.approx(8.0)            # 101 -> 109: the end of step 2 to the end of step 5
+    assert run["median_step_s"] == pytest.approx(2.0)     # steps of 2, 2 and 4 s
     assert run["generated_per_step"] == pytest.approx(4066.6667, rel=1e-6)
     assert run["phases"]["generate_s"] == pytest.approx((1.0 + 1.0 + 2.0) / 3)
 
