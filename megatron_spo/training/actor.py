@@ -181,10 +181,12 @@ class Actor:
     # ------------------------------------------------------------------ inference and export
 
     def logprobs(self, input_ids: torch.Tensor, *, micro_batch_size: int = 8, temperature: float = 1.0,
-                 with_entropy: bool = False) -> dict[str, torch.Tensor]:
+                 with_entropy: bool = False, lengths: torch.Tensor | None = None,
+                 max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """Forward-only log-probs (see `compute_logprobs`; `lengths` + `max_tokens`: dynamic batching)."""
         return compute_logprobs(
             self.raw_chunks, self.parallel, input_ids, micro_batch_size=micro_batch_size,
-            temperature=temperature, with_entropy=with_entropy,
+            temperature=temperature, with_entropy=with_entropy, lengths=lengths, max_tokens=max_tokens,
         )
 
     def export_hf(self, *, bucket_bytes: int | None = None, dtype: torch.dtype | None = None):

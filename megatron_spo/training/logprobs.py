@@ -107,11 +107,16 @@ def compute_logprobs(
     micro_batch_size: int = 8,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    lengths: torch.Tensor | None = None,
+    max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """{"logprobs": (B, T-1)[, "entropy": (B, T-1)]} of `input_ids` under the model, on every rank.
 
     Every rank of the model-parallel group passes the same `input_ids` (data-parallel ranks pass
     their own). Padded positions get values too; mask them with the caller's response mask.
+    With `lengths` (B,) real lengths and `max_tokens`, rows are packed into micro-batches of at
+    most that many padded tokens (`microbatches_by_tokens`) instead of `micro_batch_size` rows;
+    positions past a row's length are then 0.
     """
     for chunk in chunks:
         chunk.eval()
@@ -119,9 +124,12 @@ def compute_logprobs(
     input_ids = input_ids.to(next(chunks[0].parameters()).device)
     position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, -1)
     targets = torch.roll(input_ids, shifts=-1, dims=1)  # position t predicts token t+1
-    mbs = microbatches(
-        {"input_ids": input_ids, "position_ids": position_ids, "targets": targets}, micro_batch_size
-    )
+    tensors = {"input_ids": input_ids, "position_ids": position_ids, "targets": targets,
+               "row": torch.arange(batch, device=input_ids.device)}
+    if max_tokens is not None and lengths is not None:
+        mbs = microbatches_by_tokens(tensors, lengths, max_tokens)
+    else:
+        mbs = microbatches(tensors, micro_batch_size)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
@@ -135,7 +143,7 @@ def compute_logprobs(
                 temperature=temperature,
                 with_entropy=with_entropy,
             )
-            out = {"logprobs": logprobs[:, :-1]}
+            out = {"logprobs": logprobs[:, :-1], "row": mb["row"]}
             if with_entropy:
                 out["entropy"] = entropy[:, :-1]
             return logits.new_zeros(()), out
@@ -147,7 +155,9 @@ def compute_logprobs(
     out = {}
     for key in keys:
         if parallel.is_last_stage:
-            value = torch.cat([r[key] for r in results], dim=0).contiguous()
+            value = torch.zeros(batch, seq - 1, dtype=torch.float32, device=input_ids.device)
+            for r in results:  # micro-batches may be reordered and cut to their longest row
+                value[r["row"], : r[key].shape[1]] = r[key]
         else:
             value = torch.empty(batch, seq - 1, dtype=torch.float32, device=input_ids.device)
         if parallel.pp > 1:

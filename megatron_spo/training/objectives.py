@@ -18,7 +18,8 @@ Deliberate difference from the segment authors: their token mean is per micro-ba
 the whole mini-batch (the same thing with one micro-batch).
 
 Micro-batch keys (all (b, s) aligned with `input_ids`, position t scoring token t+1):
-`targets`, `response_mask` (1 on tokens that carry gradient), `old_logprobs`, `advantages`,
+`targets`, `response_mask` (1 on tokens that carry gradient), `old_logprobs` (ppo: absent when
+the step makes a single update on fresh samples, then pi_old is the forward's own), `advantages`,
 `ref_logprobs` (when a reference is used), `rewards` / `q0` / `kl_scale` ((b,)).
 """
 
@@ -58,7 +59,9 @@ class PPOObjective:
         else:
             weights = mask
             count = mask.sum()
-        out = ppo_clip_loss(lp, mb["old_logprobs"][:, :width], mb["advantages"][:, :width], weights,
+        # without old log-probs the step makes one update on fresh samples: pi_old is this forward's
+        old = mb["old_logprobs"][:, :width] if "old_logprobs" in mb else lp.detach()
+        out = ppo_clip_loss(lp, old, mb["advantages"][:, :width], weights,
                             clip_ratio_low=self.clip_ratio_low, clip_ratio_high=self.clip_ratio_high,
                             clip_ratio_c=self.clip_ratio_c, loss_agg="token-mean", denominator=1.0)
         loss = out.loss

@@ -29,11 +29,11 @@ class ReferenceModel:
             chunk.eval()
             chunk.requires_grad_(False)
 
-    def logprobs(self, input_ids: torch.Tensor, *, micro_batch_size: int = 8,
-                 temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    def logprobs(self, input_ids: torch.Tensor, *, micro_batch_size: int = 8, temperature: float = 1.0,
+                 lengths: torch.Tensor | None = None, max_tokens: int | None = None) -> dict[str, torch.Tensor]:
         """{"logprobs": (B, T-1)}: log pi_ref of each next token (as `Actor.logprobs`)."""
         return compute_logprobs(self.chunks, self.parallel, input_ids, micro_batch_size=micro_batch_size,
-                                temperature=temperature)
+                                temperature=temperature, lengths=lengths, max_tokens=max_tokens)
 
     def export_hf(self):
         """HF-named tensors of the reference, for loading it into a rollout engine (soft-SPO's Q0)."""

@@ -359,11 +359,14 @@ class Trainer:
             out[row, len(c) - 1 : len(c) - 1 + len(v)] = torch.tensor(v, dtype=out.dtype)
         return out
 
-    def _logprobs(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+    def _logprobs(self, model, seq: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward-only log-probs of the sequences, batched like the update (token budget or rows)."""
+        input_ids = seq["input_ids"]
         if input_ids.shape[0] == 0:
             return torch.zeros(0, input_ids.shape[1] - 1)
-        return model.logprobs(input_ids, micro_batch_size=self.config.batch.micro_batch_size,
-                              temperature=self.loss_temperature)["logprobs"]
+        batch = self.config.batch
+        return model.logprobs(input_ids, micro_batch_size=batch.micro_batch_size, temperature=self.loss_temperature,
+                              lengths=seq["lengths"], max_tokens=batch.max_tokens_per_micro_batch)["logprobs"]
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
@@ -388,8 +391,12 @@ class Trainer:
         t_gen = time.perf_counter()
         rollout = self._build_rollout(batch)
         seq = self._sequences(rollout)
-        old = self._logprobs(self.actor, seq["input_ids"])
         mask = seq["response_mask"][:, :-1]
+        # one update per step on fresh samples: the policy is still the old one when the loss runs,
+        # so the loss takes its own detached log-probs as pi_old and this pass is skipped
+        on_policy_single_update = (self.algorithm in ("spo", "grpo") and cfg.batch.epochs == 1
+                                   and cfg.batch.train_batch_size == cfg.batch.mini_batch_size)
+        old = None if on_policy_single_update else self._logprobs(self.actor, seq)
         if self.algorithm == "spo_chain":
             from megatron_spo.training.rollouts import PromptScorer, attach_chain_advantages
 
@@ -403,16 +410,20 @@ class Trainer:
                                     [seeds[i * self.n + j] for i, j in zip(rollout.prompt_index, nth)])
             rollout.grader_failures += chain_scorer.failures
         gen_seconds = time.perf_counter() - t_gen
-        ref = self._logprobs(self.reference, seq["input_ids"]) if self.reference is not None else None
+        ref = self._logprobs(self.reference, seq) if self.reference is not None else None
 
-        engine_lp = self._per_token(rollout, rollout.logprobs, old)
-        finite = mask * torch.isfinite(engine_lp)
-        mismatch = self._reduce_sum(torch.stack([((engine_lp.nan_to_num() - old).abs() * finite).sum(), finite.sum()]))
         rewards = torch.tensor(rollout.rewards, dtype=torch.float32)
-        data = {**seq, "old_logprobs": _pad_right(old)}
+        data = dict(seq)
+        if old is not None:
+            data["old_logprobs"] = _pad_right(old)
+            engine_lp = self._per_token(rollout, rollout.logprobs, old)
+            finite = mask * torch.isfinite(engine_lp)
+            mismatch = self._reduce_sum(torch.stack([((engine_lp.nan_to_num() - old).abs() * finite).sum(),
+                                                     finite.sum()]))
         if ref is not None:
             data["ref_logprobs"] = _pad_right(ref)
-        adv = self._advantages(rollout, data, old, mask, rewards, p_hat_all)
+        adv = self._advantages(rollout, data, old if old is not None else torch.zeros_like(mask), mask, rewards,
+                               p_hat_all)
 
         t_train = time.perf_counter()
         update = self._update_actor(data, self._mini_batch_of(rollout))
@@ -444,10 +455,11 @@ class Trainer:
             "advantage/mean": adv_stats[0].item() / max(adv_stats[1].item(), 1.0),
             "advantage/abs_max": adv_abs_max.item(),
             "data/epoch": float(self.epoch),
+        }
+        if old is not None:
             # |log pi_engine - log pi_actor| per response token: ~0 when the engine runs the same
             # weights at temperature 1 (a sync bug or a precision gap shows here first)
-            "rollout/logprob_mismatch": mismatch[0].item() / max(mismatch[1].item(), 1.0),
-        }
+            metrics["rollout/logprob_mismatch"] = mismatch[0].item() / max(mismatch[1].item(), 1.0)
         if self.algorithm == "soft_spo":
             metrics["rollout/reference_tokens"] = float(self.reference_tokens)
         if p_hat_all is not None:
@@ -579,7 +591,7 @@ class Trainer:
             contexts = rollout.contexts + rollout.contexts
             both = self._sequences(Rollout(contexts=contexts, responses=prev_responses + rollout.responses,
                                            masks=[[1] * len(r) for r in prev_responses + rollout.responses]))
-            lp = self._logprobs(self.actor, both["input_ids"])
+            lp = self._logprobs(self.actor, both)
             resp_mask = both["response_mask"][:, :-1].bool()
             new_prev = [lp[i][resp_mask[i]] for i in range(len(keys))]
             new_cur = [lp[len(keys) + i][resp_mask[len(keys) + i]] for i in range(len(keys))]

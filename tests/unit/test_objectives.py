@@ -61,6 +61,20 @@ def _test_ppo_objective_is_the_actor_loss_and_split_invariant(agg):
     assert metrics["kl_ref_sum"].item() > 0
 
 
+def _test_ppo_objective_without_old_logprobs_uses_its_own_forward():
+    """A single update on fresh samples: pi_old is the forward's own log-probs (ratio 1), so the
+    loss value is -mean(A) and the gradient that of the unclipped surrogate."""
+    logits, mb, lp = _batch(3)
+    objective = PPOObjective(**PPO)
+    fresh = {k: v for k, v in mb.items() if k != "old_logprobs"}
+    loss_sum, count, metrics = objective(logits, fresh)
+    mask = mb["response_mask"][:, :-1]
+    assert loss_sum.item() == pytest.approx(-(mb["advantages"][:, :-1] * mask).sum().item(), rel=1e-5)
+    with_old = objective(logits, {**mb, "old_logprobs": torch.nn.functional.pad(lp[:, :-1], (0, 1))})
+    assert loss_sum.item() == pytest.approx(with_old[0].item(), rel=1e-5, abs=1e-7)
+    assert metrics["clipped_sum"].item() == 0
+
+
 def _test_segment_objective_matches_segment_policy_loss_with_one_micro_batch():
     logits, mb, lp = _batch(1)
     config = SegmentLossConfig(kl_coef=0.3, clip_ratio=0.2)
@@ -106,6 +120,7 @@ def _test_soft_objective_is_the_mean_soft_loss_and_ignores_blank_rows():
 CASES = [
     ("_test_ppo_objective_is_the_actor_loss_and_split_invariant", ("token-mean",)),
     ("_test_ppo_objective_is_the_actor_loss_and_split_invariant", ("seq-mean",)),
+    ("_test_ppo_objective_without_old_logprobs_uses_its_own_forward", ()),
     ("_test_segment_objective_matches_segment_policy_loss_with_one_micro_batch", ()),
     ("_test_segment_kl_term_by_hand", ()),
     ("_test_soft_objective_is_the_mean_soft_loss_and_ignores_blank_rows", ()),
