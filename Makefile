@@ -11,7 +11,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
 VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
 
-.PHONY: install install-vllm test test-vllm test-fast demo bench bench-trl clean
+.PHONY: install install-vllm test test-vllm test-fast demo bench-trl clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -65,4 +65,4 @@ bench-trl: install $(TRL_VENV)/.installed
 	$(PYTHON) bench/vs_trl.py --trl-python $(TRL_VENV)/bin/python $(BENCH_TRL_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) runs build *.egg-info
