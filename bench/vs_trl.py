@@ -19,7 +19,8 @@ KL / reference model, PPO clip 0.2 / 0.28 with a token mean, and one optimizer s
 sequences (lr 1e-6, the default of both: throughput does not depend on it, and the response
 length stays at the warm start's). TRL runs fp32 on CPU, HF `generate`, no gradient
 checkpointing (its default is on), and with one optimizer step per generation it skips the
-old-logprob forward pass (the ratio is 1 by construction); megatron-spo always makes that pass.
+old-logprob forward pass (the ratio is 1 by construction); so does megatron-spo in that case (one
+update per step on fresh samples).
 
 A setup "PxT" is P processes with T torch threads each (P x T = the box's 2 cores); both trainers
 run every setup. The first `warmup` steps are excluded; over the next `steps` steps:
