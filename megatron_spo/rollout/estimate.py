@@ -35,6 +35,7 @@ from typing import Any
 
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.engine import EngineConfig, make_engine
+from megatron_spo.rollout.cli_options import add_generation_options
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts
 from megatron_spo.rollout.records import (
     ANSWER_KEYS,
@@ -253,8 +254,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in dataclasses.fields(EstimateConfig) if f.default is not dataclasses.MISSING}
-    prompt_defaults = PromptConfig()
-    reward_defaults = RewardConfig()
     parser = argparse.ArgumentParser(
         prog="megatron-spo values estimate",
         description=(
@@ -270,37 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="dataset file (.jsonl, .json, .parquet)")
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
     parser.add_argument("--output-dir", required=True, help="writes validation_data/0.jsonl and estimate_summary.json here")
-    parser.add_argument("--n", "-n", "--responses-per-prompt", dest="n", type=int, default=defaults["n"],
-                        help="responses per prompt (default %(default)s; under torchrun write -n, which "
-                             "torchrun's own options do not swallow)")
-    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine (default %(default)s)")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1,
-                        help="vllm: rollout TP; 1 = one engine per rank, WORLD = one engine over all ranks")
-    parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="default %(default)s")
-    parser.add_argument("--top-p", type=float, default=defaults["top_p"], help="default %(default)s")
-    parser.add_argument("--top-k", type=int, default=defaults["top_k"], help="default %(default)s (-1 disables)")
-    parser.add_argument("--max-tokens", type=int, default=defaults["max_tokens"], help="response cap (default %(default)s)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=prompt_defaults.max_prompt_tokens, help="default %(default)s")
-    parser.add_argument("--overlong", choices=("skip", "truncate", "error"), default=prompt_defaults.overlong,
-                        help="longer prompts are skipped (counted), truncated to their end (counted) or an error")
-    parser.add_argument("--answer-suffix", default=prompt_defaults.answer_format_suffix,
-                        help="appended to each user prompt; '' disables (default: %(default)r)")
-    parser.add_argument("--chat-template", choices=("auto", "always", "never"), default=prompt_defaults.use_chat_template,
-                        help="use the tokenizer's chat template (default %(default)s: when it has one)")
-    parser.add_argument("--prompt-key", default=None, help="record field of the prompt (default: prompt|question|problem)")
-    parser.add_argument("--answer-key", default=None,
-                        help="record field of the ground truth, dots reach into dicts "
-                             "(default: reward_model.ground_truth|ground_truth|answer|solution)")
-    parser.add_argument("--reward-function", default=reward_defaults.function,
-                        help="reward as package.module:function (default %(default)s)")
-    parser.add_argument("--reward-pool", choices=("process", "ray", "inline"), default=reward_defaults.pool,
-                        help="where responses are scored (default %(default)s)")
-    parser.add_argument("--thinking", action="store_true",
-                        help="responses think first: exactly one </think> required, answer read after it")
-    parser.add_argument("--seed", type=int, default=defaults["seed"], help="default %(default)s")
-    parser.add_argument("--dtype", default="float32", help="engine weights dtype (default %(default)s)")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded at once (default %(default)s)")
-    parser.add_argument("--prompts-per-call", type=int, default=defaults["prompts_per_call"], help="default %(default)s")
+    add_generation_options(parser, n=defaults["n"], n_help="responses per prompt", n_aliases=("--responses-per-prompt",),
+                           temperature=defaults["temperature"], top_p=defaults["top_p"], top_k=defaults["top_k"],
+                           max_tokens=defaults["max_tokens"], seed=defaults["seed"],
+                           prompts_per_call=defaults["prompts_per_call"])
     return parser
 
 
