@@ -157,15 +157,17 @@ def generate(engine, tokenizer, scorer: PromptScorer, batch: Sequence[Prompt], m
                         completion.logprobs, reward)
             rollout.generated_tokens += len(completion.token_ids)
     rollout.episode_rewards = list(rollout.rewards)
+    rollout.grader_failures = scorer.failures
     return rollout
 
 
-def attach_chain_advantages(rollout: Rollout, engine, scorer: PromptScorer, config, old_logprobs,
+def attach_chain_advantages(rollout: Rollout, engine, pool, tokenizer, config, old_logprobs,
                             seeds: Sequence[int]) -> None:
     """SPO-chain: per-token segment advantages from K continuations at each cut point.
 
     `old_logprobs` holds each sequence's response-token log-probs under the actor at the sampling
-    temperature; `seeds[i]` seeds the continuations of sequence i."""
+    temperature; `seeds[i]` seeds the continuations of sequence i. Grader failures of the
+    continuations add to `rollout.grader_failures`."""
     from megatron_spo.training.algorithms import TOKEN_ADVANTAGES_KEY
     from megatron_spo.training.algorithms.segment_chain import build_chain_samples
 
@@ -176,27 +178,26 @@ def attach_chain_advantages(rollout: Rollout, engine, scorer: PromptScorer, conf
                                                   rollout.logprobs, rollout.masks, rollout.rewards)
     ]
     # continuations of sequence i score against its own prompt: index by sequence
-    seq_scorer = PromptScorer(scorer.pool, scorer.tokenizer, [p.answer for p in rollout.prompts], offset=scorer.offset)
+    scorer = PromptScorer(pool, tokenizer, [p.answer for p in rollout.prompts])
     counting = CountingEngine(engine)
-    built = build_chain_samples(samples, counting, seq_scorer, config, old_logprobs=old_logprobs, sample_seeds=seeds)
-    scorer.failures += seq_scorer.failures
+    built = build_chain_samples(samples, counting, scorer, config, old_logprobs=old_logprobs, sample_seeds=seeds)
+    rollout.grader_failures += scorer.failures
     rollout.token_advantages = [s.extra[TOKEN_ADVANTAGES_KEY] for s in built]
     rollout.generated_tokens += counting.tokens
 
 
-def tree_rollout(engine, scorer: PromptScorer, batch: Sequence[Prompt], mine: Sequence[int], config,
+def tree_rollout(engine, pool, tokenizer, batch: Sequence[Prompt], mine: Sequence[int], config,
                  seeds: Sequence[int]) -> Rollout:
-    """SPO-tree: grow a tree per prompt of `mine`; every kept edge becomes a sequence."""
+    """SPO-tree: grow a tree per prompt `batch[i]`, i in `mine`; every kept edge becomes a sequence."""
     from megatron_spo.training.algorithms import TOKEN_ADVANTAGES_KEY
     from megatron_spo.training.algorithms.segment_tree import build_tree_samples
 
     local = [batch[i] for i in mine]
-    local_scorer = PromptScorer(scorer.pool, scorer.tokenizer, [p.answer for p in local], offset=scorer.offset)
+    scorer = PromptScorer(pool, tokenizer, [p.answer for p in local])  # indexed by local position
     counting = CountingEngine(engine)
-    samples, roots = build_tree_samples([p.token_ids for p in local], counting, local_scorer, config,
+    samples, roots = build_tree_samples([p.token_ids for p in local], counting, scorer, config,
                                         prompt_keys=list(range(len(local))), prompt_seeds=[seeds[i] for i in mine])
-    scorer.failures += local_scorer.failures
-    rollout = Rollout(token_advantages=[])
+    rollout = Rollout(token_advantages=[], grader_failures=scorer.failures)
     for sample in samples:
         i = mine[sample.prompt_key]  # the local position, given as the key above
         rollout.add(i, batch[i], sample.prompt_token_ids, sample.response_token_ids, sample.response_mask,

@@ -241,23 +241,23 @@ class Trainer:
 
         cfg = self.config
         mine = list(range(self.parallel.dp_rank, len(batch), self.dp))  # prompts of this DP rank
-        offset = cfg.algorithm.soft_spo.reward_offset if self.algorithm == "soft_spo" else 0.0
-        scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [p.answer for p in batch])
         seeds = self._seeds(len(batch))
         if self.algorithm == "spo_tree":
-            rollout = rollouts.tree_rollout(self.engine, scorer, batch, mine, cfg.algorithm.spo_tree, seeds)
+            rollout = rollouts.tree_rollout(self.engine, self.scorer, self.tokenizer, batch, mine,
+                                            cfg.algorithm.spo_tree, seeds)
         else:
             agent = None
             if cfg.rollout.agent == "tool":
                 agent = AgentLoopConfig.from_rollout(cfg.rollout, temperature=self.sampling.temperature,
                                                      top_p=self.sampling.top_p,
                                                      max_response_length=self.sampling.max_tokens)
+            scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [p.answer for p in batch])
             rollout = rollouts.generate(self.engine, self.tokenizer, scorer, batch, mine, n=self.n,
                                         sampling=self.sampling, seeds=seeds, agent_config=agent)
         if self.algorithm == "soft_spo":
-            rollout.rewards = [r + offset for r in rollout.rewards]
+            # the training reward is shifted; episode_rewards (reported) keep the task's
+            rollout.rewards = [r + cfg.algorithm.soft_spo.reward_offset for r in rollout.rewards]
             self._add_offpolicy(rollout, batch)
-        rollout.grader_failures = scorer.failures
         return rollout
 
     # ------------------------------------------------------------------ soft-SPO sources and Q0
@@ -398,17 +398,19 @@ class Trainer:
                                    and cfg.batch.train_batch_size == cfg.batch.mini_batch_size)
         old = None if on_policy_single_update else self._logprobs(self.actor, seq)
         if self.algorithm == "spo_chain":
-            from megatron_spo.training.rollouts import PromptScorer, attach_chain_advantages
+            from megatron_spo.training.rollouts import attach_chain_advantages
 
             old_rows = [old[i, len(c) - 1 : len(c) - 1 + len(r)].tolist()
                         for i, (c, r) in enumerate(zip(rollout.contexts, rollout.responses))]
             # continuations of the n responses to one prompt must differ: seed by sequence, not prompt
             seeds = self._seeds(len(batch) * self.n, salt=31)
-            nth = [rollout.prompt_index[:row].count(i) for row, i in enumerate(rollout.prompt_index)]
-            chain_scorer = PromptScorer(self.scorer, self.tokenizer, [])
-            attach_chain_advantages(rollout, self.engine, chain_scorer, cfg.algorithm.spo_chain, old_rows,
-                                    [seeds[i * self.n + j] for i, j in zip(rollout.prompt_index, nth)])
-            rollout.grader_failures += chain_scorer.failures
+            nth: dict[int, int] = {}
+            sequence_seeds = []
+            for i in rollout.prompt_index:  # the j-th response to prompt i takes seed i * n + j
+                sequence_seeds.append(seeds[i * self.n + nth.get(i, 0)])
+                nth[i] = nth.get(i, 0) + 1
+            attach_chain_advantages(rollout, self.engine, self.scorer, self.tokenizer, cfg.algorithm.spo_chain,
+                                    old_rows, sequence_seeds)
         gen_seconds = time.perf_counter() - t_gen
         ref = self._logprobs(self.reference, seq) if self.reference is not None else None
 
