@@ -11,7 +11,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
 VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
 
-.PHONY: install install-vllm test test-vllm test-fast demo bench-trl clean
+.PHONY: install install-vllm test test-vllm test-fast demo dry-run bench-trl clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -47,6 +47,13 @@ test-fast: install
 
 demo: install
 	$(PYTHON) -m megatron_spo demo
+
+# the GPU examples' dry runs on this CPU-only machine (README: "Checking a GPU configuration")
+dry-run: install
+	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/spo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8
+	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/grpo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8
+	$(PYTHON) -m megatron_spo train --config examples/gpu_node/spo.yaml --dry-run
+	$(PYTHON) -m megatron_spo train --config examples/multinode/spo.yaml --dry-run dry_run.nodes=2
 
 # bench/vs_trl.py against TRL's GRPOTrainer: TRL gets its own venv (it brings its own transformers);
 # the bench itself runs in .venv and drives TRL there as a subprocess. BENCH_TRL_ARGS=--quick for a smoke run.

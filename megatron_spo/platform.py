@@ -19,6 +19,17 @@ The CPU shims, each for a failure seen without it (see shared/notes/megatron-on-
   inside that one Megatron method, `.cuda()` returns the tensor itself.
 - The interleaved pipeline with `batch_p2p_comm=True` gives silently wrong gradients on gloo when
   both neighbours are the same rank: `model_parallel_overrides()` turns it off on gloo.
+- The distributed optimizer sorts parameters by `param.type() == 'torch.cuda.FloatTensor'` and
+  the like, and refuses anything else: while its constructor runs, a CPU tensor's `type()`
+  answers with the CUDA name of its dtype. Gloo does the rest (reduce-scatter of gradients,
+  all-gather of parameters).
+
+The simulated GPU (`megatron-spo train --dry-run`, see `megatron_spo/dry_run/`): `enter_simulation`
+makes this process one rank of a GPU cluster that is not there. Every GPU branch is taken
+(`is_gpu()` is True, backend "nccl", Megatron's gloo side groups exist), but the accelerator is
+the `meta` device (`device()`), `torch.cuda` answers for it, and the process group is torch's fake
+one of the simulated world size. Megatron's CUDA literals map to `meta` the way the CPU shims map
+them to the CPU.
 """
 
 from __future__ import annotations
@@ -47,19 +58,72 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 # ----------------------------------------------------------------------------- device facts
 
 
+@dataclasses.dataclass(frozen=True)
+class Simulation:
+    """This process plays one rank of a GPU cluster that is not there (the dry run)."""
+
+    world_size: int
+    rank: int
+    gpus_per_node: int
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % self.gpus_per_node
+
+
+_SIMULATION: Simulation | None = None
+
+
+def simulation() -> Simulation | None:
+    """The simulated cluster rank when this process is a dry run, else None."""
+    return _SIMULATION
+
+
 @lru_cache(maxsize=None)
-def is_gpu() -> bool:
-    """True when CUDA devices are usable (and not disabled with MEGATRON_SPO_FORCE_CPU=1)."""
+def _cuda_usable() -> bool:
     if os.environ.get(_FORCE_CPU_ENV, "") not in ("", "0"):
         return False
     return torch.cuda.is_available()
 
 
+def is_gpu() -> bool:
+    """True when CUDA devices are usable (and not disabled with MEGATRON_SPO_FORCE_CPU=1), or
+    when this process simulates a GPU rank (dry run)."""
+    return _SIMULATION is not None or _cuda_usable()
+
+
 def device() -> torch.device:
-    """The device this rank computes on."""
+    """The device this rank computes on (`meta` stands for the GPU in a dry run)."""
+    if _SIMULATION is not None:
+        return torch.device("meta")
     if is_gpu():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def launch_world_size() -> int:
+    """Ranks of this job: torchrun's WORLD_SIZE (1 for a plain process), or the simulated one."""
+    if _SIMULATION is not None:
+        return _SIMULATION.world_size
+    return _env_int("WORLD_SIZE", 1)
+
+
+def host_device() -> torch.device:
+    """Where host-side tensors live (rollout records, metric sums, value-store arrays)."""
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """A config's dtype name -> torch dtype; "auto" is bfloat16 on GPU (the authors' setting)
+    and float32 on CPU (exact comparisons against HF transformers)."""
+    if name == "auto":
+        return torch.bfloat16 if is_gpu() else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        from megatron_spo.errors import UserError
+
+        raise UserError(f"dtype {name!r} is not one of auto, {', '.join(table)}")
+    return table[name]
 
 
 def backend() -> str:
@@ -72,7 +136,7 @@ def has_transformer_engine() -> bool:
         return False
     try:
         import transformer_engine  # noqa: F401
-    except ImportError:
+    except (ImportError, OSError):  # OSError: a CUDA build of TE on a CPU-only torch (dry run)
         return False
     return True
 
@@ -83,13 +147,19 @@ def attention_backend_name() -> str:
 
 
 def supports_distributed_optimizer() -> bool:
-    """Megatron's distributed optimizer type-checks for CUDA tensors; CPU runs use the plain one."""
+    """The default for `use_distributed_optimizer`: on GPU, shard Adam moments and fp32 master
+    weights over data-parallel ranks. On CPU the plain optimizer is the default; the distributed
+    one runs there too, over gloo (see `_install_optimizer_compat`), when a config asks for it."""
     return is_gpu()
 
 
 def model_parallel_overrides() -> dict[str, Any]:
     """Fields of Megatron's ModelParallelConfig that this platform needs set a certain way."""
     overrides: dict[str, Any] = {"use_cpu_initialization": not is_gpu()}
+    if _SIMULATION is not None:
+        # pipeline stages exchange micro-batch shapes as tensor data, which the fake process group
+        # does not carry; the dry run's micro-batches are all the worst-case shape instead
+        overrides["variable_seq_lengths"] = False
     if not is_gpu():
         # Interleaved schedules with batched isend/irecv give wrong gradients on gloo when both
         # pipeline neighbours are the same rank; the unbatched path is exact.
@@ -129,6 +199,11 @@ class ParallelContext:
     mp_group: Any
     embd_group: Any
     pg_collection: Any
+    host_dp_group: Any = None
+    """The data-parallel group for CPU tensors (gloo): host-side sums, the value store. On CPU
+    it is `dp_group`; on GPU Megatron's gloo twin of it (NCCL carries only CUDA tensors)."""
+    host_group: Any = None
+    """All ranks, for CPU tensors and Python objects (gloo); None = the default group (CPU)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -172,6 +247,10 @@ def init_distributed(
     from megatron_spo.errors import UserError
 
     install_cpu_compat()
+    if _SIMULATION is not None and not torch.distributed.is_initialized():
+        from megatron_spo.dry_run.collectives import init_fake_process_group
+
+        init_fake_process_group(_SIMULATION.rank, _SIMULATION.world_size)
     if not torch.distributed.is_initialized():
         world_size = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
@@ -213,6 +292,10 @@ def init_distributed(
             create_gloo_process_groups=is_gpu(),
         )
     pgs = ProcessGroupCollection.use_mpu_process_groups()
+    host_dp_group, host_group = pgs.dp, None
+    if is_gpu():
+        host_dp_group = parallel_state.get_data_parallel_group_gloo()
+        host_group = _world_gloo_group()
     return ParallelContext(
         world_size=world_size,
         rank=torch.distributed.get_rank(),
@@ -229,12 +312,27 @@ def init_distributed(
         mp_group=pgs.mp,
         embd_group=pgs.embd,
         pg_collection=pgs,
+        host_dp_group=host_dp_group,
+        host_group=host_group,
     )
+
+
+_WORLD_GLOO_GROUP = None
+
+
+def _world_gloo_group():
+    """A gloo group of all ranks beside the NCCL default group, made once (collectively)."""
+    global _WORLD_GLOO_GROUP
+    if _WORLD_GLOO_GROUP is None:
+        _WORLD_GLOO_GROUP = torch.distributed.new_group(backend="gloo")
+    return _WORLD_GLOO_GROUP
 
 
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
+    global _WORLD_GLOO_GROUP
+    _WORLD_GLOO_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
@@ -262,7 +360,7 @@ def seed_everything(seed: int, *, tp_rank: int = 0, pp_rank: int = 0) -> None:
     install_cpu_compat()
     from megatron.core import tensor_parallel
 
-    if is_gpu():
+    if _cuda_usable():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
     tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -315,6 +413,8 @@ class SDPAAttention(torch.nn.Module):
             raise NotImplementedError("packed sequences need the Transformer Engine spec (GPU)")
         sq, b, heads, dim = query.shape
         kv_heads = key.shape[2]
+        if query.device.type == "meta" and attention_mask is None:
+            return self._flash_on_meta(query, key, value)
         if kv_heads != heads:  # GQA: repeat each KV head for the query heads of its group
             key = key.repeat_interleave(heads // kv_heads, dim=2)
             value = value.repeat_interleave(heads // kv_heads, dim=2)
@@ -334,6 +434,17 @@ class SDPAAttention(torch.nn.Module):
             is_causal=mask is None and sq > 1,
             scale=self.softmax_scale,
         )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+    def _flash_on_meta(self, query, key, value):
+        """The dry run's attention: the flash-attention op, whose meta kernel allocates what the
+        GPU kernel does (output + log-sum-exp, no T x T scores, GQA without repeating K/V), so
+        the memory plan counts attention as flash / TE attention uses it."""
+        sq, b, heads, dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, self.dropout_p if self.training else 0.0, sq > 1, scale=self.softmax_scale
+        )[0]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
 
 
@@ -393,16 +504,18 @@ class _CpuRNGStatesTracker:
             torch.set_rng_state(saved)
 
 
-class _TorchOnCpu(types.ModuleType):
-    """A view of the `torch` module whose tensor factories map device="cuda" to the CPU.
+class _TorchOnDevice(types.ModuleType):
+    """A view of the `torch` module whose tensor factories map device="cuda" to `target`.
 
-    Installed as the `torch` global of the few Megatron modules that hard-code CUDA literals.
+    Installed as the `torch` global of the few Megatron modules that hard-code CUDA literals
+    (`cpu` on CPU machines, `meta` in a dry run).
     """
 
     _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange")
 
-    def __init__(self):
+    def __init__(self, target: str):
         super().__init__("torch")
+        self._target = target
 
     def __getattr__(self, name: str):
         attr = getattr(torch, name)
@@ -411,14 +524,26 @@ class _TorchOnCpu(types.ModuleType):
             def factory(*args, _f=attr, **kwargs):
                 dev = kwargs.get("device")
                 if dev is not None and str(dev).startswith("cuda"):
-                    kwargs["device"] = "cpu"
+                    kwargs["device"] = self._target
+                if name == "tensor" and args and isinstance(args[0], (list, tuple)):
+                    # torch.tensor(list of device tensors) reads each value back (.item()); done
+                    # here in Python so that a dry run sees (and substitutes) each read
+                    args = (_python_values(args[0]),) + args[1:]
                 return _f(*args, **kwargs)
 
             return factory
         return attr
 
 
-def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+def _python_values(data):
+    if isinstance(data, (list, tuple)):
+        return [_python_values(x) for x in data]
+    if isinstance(data, torch.Tensor) and data.dim() == 0:
+        return data.item()
+    return data
+
+
+def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """Megatron's `clip_grad_by_total_norm_fp32` without its CUDA-only assert and kernel."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
@@ -432,12 +557,12 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
             grad.detach().mul_(clip_coeff)
 
 
-def _with_tensor_cuda_as_identity(method):
-    """Wrap a Megatron method that calls `tensor.cuda()` so that, on CPU, the call is a no-op."""
+def _with_tensor_cuda_as(method, target: str):
+    """Wrap a Megatron method that calls `tensor.cuda()` so that the call moves to `target`."""
 
     def wrapped(*args, **kwargs):
         original = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+        torch.Tensor.cuda = lambda self, *a, **k: self.to(target)  # type: ignore[method-assign]
         try:
             return method(*args, **kwargs)
         finally:
@@ -446,15 +571,18 @@ def _with_tensor_cuda_as_identity(method):
     return wrapped
 
 
-_CPU_COMPAT_INSTALLED = False
+_COMPAT_INSTALLED: str | None = None
 
 
-def install_cpu_compat() -> None:
-    """Make Megatron-Core 0.16 run on CPU processes over gloo. Idempotent; no-op on GPU."""
-    global _CPU_COMPAT_INSTALLED
-    if _CPU_COMPAT_INSTALLED or is_gpu():
+def _install_compat(target: str) -> None:
+    """Megatron-Core 0.16's CUDA calls answered by `target` ("cpu" or "meta"; see the module
+    docstring for the failure each line prevents)."""
+    global _COMPAT_INSTALLED
+    if _COMPAT_INSTALLED is not None:
+        if _COMPAT_INSTALLED != target:
+            raise RuntimeError(f"platform shims for {_COMPAT_INSTALLED!r} are installed; cannot switch to {target!r}")
         return
-    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    torch.cuda.current_device = lambda: torch.device(target)  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
     from megatron.core import tensor_parallel
@@ -470,16 +598,106 @@ def install_cpu_compat() -> None:
     tp_random.initialize_rng_tracker = lambda *args, **kwargs: None
     assert tensor_parallel.get_cuda_rng_tracker() is tracker
 
-    cpu_torch = _TorchOnCpu()
+    device_torch = _TorchOnDevice(target)
     for module in (schedules, clip_grads, p2p_communication, optimizer, grad_scaler, mcore_utils):
-        module.torch = cpu_torch
-    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+        module.torch = device_torch
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     # tied embeddings under PP: the last stage's copy is moved with `.cuda()` before its all-reduce
-    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as_identity(
-        LanguageModule.setup_embeddings_and_output_layer
+    LanguageModule.setup_embeddings_and_output_layer = _with_tensor_cuda_as(
+        LanguageModule.setup_embeddings_and_output_layer, target
     )
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
-    _CPU_COMPAT_INSTALLED = True
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    _COMPAT_INSTALLED = target
+
+
+def install_cpu_compat() -> None:
+    """Make Megatron-Core 0.16 run on CPU processes over gloo. Idempotent; no-op on GPU."""
+    if _SIMULATION is not None or _cuda_usable():
+        return
+    _install_compat("cpu")
+    _install_optimizer_compat("cpu")
+
+
+# ----------------------------------------------------------------------------- optimizers on CPU
+
+
+def _with_tensor_type_as_cuda(method, target: str):
+    """Wrap a Megatron method that sorts tensors by `tensor.type()` against CUDA type names so
+    that, inside it, a tensor on `target` reports the CUDA name of its dtype."""
+
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def type_as_cuda(self, dtype=None, non_blocking=False, **more):
+            if dtype is None and not more and self.device.type == target:
+                return "torch.cuda." + original(self).rsplit(".", 1)[-1]  # torch.FloatTensor -> torch.cuda.FloatTensor
+            return original(self) if dtype is None else original(self, dtype, non_blocking, **more)
+
+        torch.Tensor.type = type_as_cuda  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original  # type: ignore[method-assign]
+
+    return wrapped
+
+
+_OPTIMIZER_COMPAT_INSTALLED: str | None = None
+
+
+def _install_optimizer_compat(target: str) -> None:
+    """Let Megatron's distributed optimizer take parameters on `target`: its constructor is the
+    only place on its path that checks `type()` (the grad-clipping check is replaced in
+    `_install_compat`). Idempotent."""
+    global _OPTIMIZER_COMPAT_INSTALLED
+    if _OPTIMIZER_COMPAT_INSTALLED == target:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer.__init__ = _with_tensor_type_as_cuda(DistributedOptimizer.__init__, target)
+    _OPTIMIZER_COMPAT_INSTALLED = target
+
+
+def enter_simulation(sim: Simulation) -> None:
+    """Make this process rank `sim.rank` of a simulated GPU cluster (the dry run; see the module
+    docstring). Call before anything is built; a process stays simulated until it exits."""
+    global _SIMULATION
+    if _cuda_usable():
+        from megatron_spo.errors import UserError
+
+        raise UserError("--dry-run simulates GPUs on a machine without them; this one has CUDA devices")
+    if _SIMULATION is not None and _SIMULATION != sim:
+        raise RuntimeError(f"this process already simulates {_SIMULATION}")
+    _SIMULATION = sim
+    torch.cuda.set_device = lambda dev: None  # type: ignore[assignment]
+    torch.cuda.device_count = lambda: sim.gpus_per_node  # type: ignore[assignment]
+    _install_compat("meta")
+    # the distributed optimizer accepts parameters by their CUDA type name
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    DistributedOptimizer.__init__ = _with_meta_typed_as_cuda(DistributedOptimizer.__init__)
+
+
+def _with_meta_typed_as_cuda(method):
+    """Wrap a Megatron method that checks `tensor.type()` for CUDA names: meta tensors answer
+    with the CUDA type of their dtype ("torch.meta.BFloat16Tensor" -> "torch.cuda.BFloat16Tensor")."""
+
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def cuda_type(self, *a, **k):
+            name = original(self, *a, **k)
+            if not a and not k and isinstance(name, str) and name.startswith("torch.meta."):
+                return "torch.cuda." + name.removeprefix("torch.meta.")
+            return name
+
+        torch.Tensor.type = cuda_type  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original  # type: ignore[method-assign]
+
+    return wrapped
 
 
 # ----------------------------------------------------------------------------- optional GPU imports

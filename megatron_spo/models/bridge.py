@@ -237,9 +237,12 @@ class WeightBridge:
     # ------------------------------------------------------------------ load
 
     @torch.no_grad()
-    def load_hf(self, chunks: Sequence[torch.nn.Module], hf_dir: str | Path) -> None:
-        """Load an HF safetensors checkpoint (single file or sharded index) into the chunks."""
-        reader = SafetensorsReader(hf_dir)
+    def load_hf(self, chunks: Sequence[torch.nn.Module], hf_dir: str | Path, *, reader=None) -> None:
+        """Load an HF safetensors checkpoint (single file or sharded index) into the chunks.
+
+        `reader` replaces the safetensors reader (its `check`, `shape`, `__call__`, `close`): the
+        GPU dry run reads tensors of the right shapes with no data."""
+        reader = reader or SafetensorsReader(hf_dir)
         try:
             for bound in self.bind(chunks):
                 for hf_name in bound.hf_names:

@@ -51,7 +51,7 @@ def transformer_config(
     """Megatron `TransformerConfig` for this model and parallel layout."""
     from megatron.core.transformer import TransformerConfig
 
-    return TransformerConfig(
+    settings = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size,
@@ -78,8 +78,9 @@ def transformer_config(
         # micro-batches of a rollout batch differ in length
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # unused (dense model); "allgather" refuses the above
-        **platform.model_parallel_overrides(),
     )
+    settings.update(platform.model_parallel_overrides())
+    return TransformerConfig(**settings)
 
 
 def build_model(

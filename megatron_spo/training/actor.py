@@ -46,6 +46,10 @@ class OptimizerSettings:
     """Steps of the decay after warm-up; None keeps the peak rate (constant schedule)."""
     decay_style: str = "constant"
     """constant | linear | cosine."""
+    use_distributed_optimizer: bool | None = None
+    """Megatron's distributed optimizer: Adam moments and fp32 master weights sharded over
+    data-parallel ranks (gradients reduce-scattered, parameters all-gathered). None = the
+    platform's default (`platform.supports_distributed_optimizer()`: on GPU, not on CPU)."""
 
 
 class Actor:
@@ -71,7 +75,9 @@ class Actor:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=platform.supports_distributed_optimizer(),
+            use_distributed_optimizer=(platform.supports_distributed_optimizer()
+                                       if settings.use_distributed_optimizer is None
+                                       else settings.use_distributed_optimizer),
         )
         self.chunks = [
             DistributedDataParallel(
@@ -136,8 +142,11 @@ class Actor:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+        device = platform.device()
+
         def forward_step(data_iterator, model):
-            mb = next(data_iterator)
+            # micro-batches arrive as host tensors; the model and the loss run on the device
+            mb = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
             position_ids = torch.arange(mb["input_ids"].shape[1], device=mb["input_ids"].device)
             output = model(mb["input_ids"], position_ids.unsqueeze(0).expand_as(mb["input_ids"]), attention_mask=None)
 
@@ -168,7 +177,8 @@ class Actor:
         if par.pp > 1:
             torch.distributed.broadcast_object_list(holder, src=par.pp_ranks[-1], group=par.pp_group)
         names = holder[0]
-        values = torch.zeros(len(names), dtype=torch.float64)
+        # summed on the device: the DP / PP groups are NCCL on GPUs; one copy to the host at the end
+        values = torch.zeros(len(names), dtype=torch.float64, device=platform.device())
         if par.is_last_stage:
             for report in reports:
                 values += torch.stack([report[n].double() for n in names])
@@ -176,7 +186,7 @@ class Actor:
             torch.distributed.all_reduce(values, group=par.dp_group)
         if par.pp > 1:
             torch.distributed.broadcast(values, src=par.pp_ranks[-1], group=par.pp_group)
-        return {n: float(v) for n, v in zip(names, values)}
+        return dict(zip(names, values.tolist()))
 
     # ------------------------------------------------------------------ inference and export
 

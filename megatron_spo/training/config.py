@@ -259,6 +259,9 @@ class OptimizerConfig:
     """Decay after warmup, over the run's optimizer steps (the authors': constant)."""
     min_lr_ratio: float = 0.0
     """cosine / linear: the final lr as a fraction of lr."""
+    distributed: bool | None = None
+    """Megatron's distributed optimizer: Adam moments and fp32 master weights sharded over
+    data-parallel ranks (ZeRO-1). None = on GPU yes, on CPU no (it runs there too when set)."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -382,6 +385,35 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class DryRunConfig:
+    """`megatron-spo train --dry-run`: the GPU cluster the real step is simulated on (on a
+    CPU-only machine; see megatron_spo/dry_run/)."""
+
+    nodes: int = 1
+    """Nodes of the simulated cluster."""
+    gpus_per_node: int = 8
+    """GPUs per node; world size = nodes x gpus_per_node (must split into parallel.tp x parallel.pp)."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU in GiB (80: H100 / A100-80GB); the memory plan is checked against it."""
+    report_file: str | None = None
+    """Also write every role's measurements and the plan as JSON here (benches, tests)."""
+    require_fit: bool = False
+    """True: exit with one line naming the phase and its largest item when a phase's peak exceeds
+    gpu_memory_gib. False (for now): print the verdict in the plan and exit 0; the recipes are made
+    to fit by the GPU-readiness II work (colocation offload, recompute, sequence parallelism)."""
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"dry_run.nodes and dry_run.gpus_per_node must be >= 1, got {self.nodes}, {self.gpus_per_node}")
+        if self.gpu_memory_gib <= 0:
+            raise ValueError(f"dry_run.gpu_memory_gib must be > 0, got {self.gpu_memory_gib}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     model: ModelConfig
     """The policy to start from."""
@@ -410,6 +442,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    dry_run: DryRunConfig = dataclasses.field(default_factory=DryRunConfig)
+    """The simulated cluster of `train --dry-run` (read only by the dry run)."""
 
     def __post_init__(self):
         if self.total_steps is not None and self.total_steps < 1:

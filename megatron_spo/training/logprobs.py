@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_spo import platform
+
 from megatron_spo.platform import ParallelContext
 from megatron_spo.training.schedule import run_microbatches
 
@@ -110,7 +112,8 @@ def compute_logprobs(
     lengths: torch.Tensor | None = None,
     max_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{"logprobs": (B, T-1)[, "entropy": (B, T-1)]} of `input_ids` under the model, on every rank.
+    """{"logprobs": (B, T-1)[, "entropy": (B, T-1)]} of `input_ids` under the model, on every rank,
+    as host (CPU) tensors; `input_ids` may be on the host, it is moved to the model's device.
 
     Every rank of the model-parallel group passes the same `input_ids` (data-parallel ranks pass
     their own). Padded positions get values too; mask them with the caller's response mask.
@@ -162,7 +165,7 @@ def compute_logprobs(
             value = torch.empty(batch, seq - 1, dtype=torch.float32, device=input_ids.device)
         if parallel.pp > 1:
             torch.distributed.broadcast(value, src=parallel.pp_ranks[-1], group=parallel.pp_group)
-        out[key] = value
+        out[key] = value.to(platform.host_device())  # the trainer's arithmetic is host-side
     return out
 
 

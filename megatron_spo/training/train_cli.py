@@ -27,6 +27,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", type=Path, help="YAML file with the TrainConfig sections")
     parser.add_argument("--show-config", action="store_true", help="list every config key with its default and stop")
     parser.add_argument("--no-export", action="store_true", help="do not write RUN_DIR/hf at the end")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="on a CPU-only machine, run one real step of this GPU config for each rank role of the "
+                             "cluster in dry_run.* (nodes, gpus_per_node, gpu_memory_gib) with simulated GPUs: strict "
+                             "device checks and a per-GPU memory plan; needs only the model's config.json")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     args = parser.parse_args(argv)
     from megatron_spo.training.config import TrainConfig, load_train_config
@@ -38,6 +42,10 @@ def main(argv: list[str]) -> int:
         return 0
     if args.config is not None and not args.config.is_file():
         raise UserError(f"config file {args.config} does not exist")
+    if args.dry_run:
+        from megatron_spo.dry_run.runner import dry_run
+
+        return dry_run(str(args.config) if args.config else None, args.overrides)
     config = load_train_config(str(args.config) if args.config else None, args.overrides)
     from megatron_spo import platform
     from megatron_spo.training.trainer import Trainer

@@ -23,12 +23,13 @@ the batch is split, and a resumed run repeats an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -69,46 +70,63 @@ def load_prompts(files: list[str], prompt_key: str, answer_key: str, tokenizer, 
     return prompts, len(built.skipped)
 
 
+@dataclasses.dataclass(kw_only=True)
+class TrainerParts:
+    """Components a caller supplies instead of the ones `Trainer` builds from the config (the GPU
+    dry run: no tokenizer, data or weights on disk, no engine). None = build from the config."""
+
+    tokenizer: Any = None
+    prompts: list[Prompt] | None = None
+    load_model: Callable | None = None
+    """(path, parallel, dtype=, seed=) -> (spec, chunks, bridge); default `load_pretrained`."""
+    engine: Any = None
+    scorer: Any = None
+
+
 class Trainer:
     """Builds every component from a TrainConfig and runs steps."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, *, parts: TrainerParts | None = None):
         from megatron_spo.models.checkpoint import hf_side_dir_of, load_pretrained
         from megatron_spo.rollout.engine import make_engine
         from megatron_spo.rollout.scoring import ScoringPool
         from megatron_spo.training.actor import Actor, OptimizerSettings
 
+        parts = parts or TrainerParts()
         self.config = cfg = config
         self.algorithm = cfg.algorithm.name
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.dp = cfg.check_world_size(world)
+        self.dp = cfg.check_world_size(platform.launch_world_size())
         self.parallel = par = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
         self.is_main = par.rank == 0
         self.run_dir = Path(cfg.run_dir)
         self.n = cfg.rollout.n or 1
-        dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[cfg.model.dtype]
+        dtype = platform.resolve_dtype(cfg.model.dtype)
+        load_model = parts.load_model or load_pretrained
 
         self.side_dir = hf_side_dir_of(cfg.model.hf_dir)
-        self.tokenizer = load_tokenizer(str(self.side_dir))
-        self.prompts, skipped = load_prompts(cfg.data.train_files, cfg.data.prompt_key, cfg.data.answer_key,
-                                             self.tokenizer, cfg.data.prompt)
+        self.tokenizer = parts.tokenizer or load_tokenizer(str(self.side_dir))
+        if parts.prompts is not None:
+            self.prompts, skipped = parts.prompts, 0
+        else:
+            self.prompts, skipped = load_prompts(cfg.data.train_files, cfg.data.prompt_key, cfg.data.answer_key,
+                                                 self.tokenizer, cfg.data.prompt)
         self.prompts_skipped = skipped
-        spec, chunks, bridge = load_pretrained(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed)
+        spec, chunks, bridge = load_model(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed)
         o = cfg.optimizer
         self.actor = Actor(spec, chunks, bridge, par, OptimizerSettings(
             lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
             adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.grad_clip, warmup_steps=o.warmup_steps,
             decay_steps=(cfg.total_steps - o.warmup_steps) if (cfg.total_steps and o.schedule != "constant") else None,
-            decay_style=o.schedule,
+            decay_style=o.schedule, use_distributed_optimizer=o.distributed,
         ))
         self.reference = None
         if self._needs_reference():
             from megatron_spo.training.reference import ReferenceModel
 
-            self.reference = ReferenceModel(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed)
-        self.engine = make_engine(cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed, load_weights=False))
-        self.scorer = ScoringPool(cfg.rollout.reward)
+            self.reference = ReferenceModel(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed, load=load_model)
+        self.engine = parts.engine or make_engine(
+            cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed, load_weights=False))
+        self.scorer = parts.scorer or ScoringPool(cfg.rollout.reward)
         self.store = self._build_value_store()
         self.sampling = self._sampling()
         self.objective = self._objective()
@@ -181,7 +199,7 @@ class Trainer:
 
         cfg = self.config
         keys = np.unique(np.array([p.key for p in self.prompts], dtype=np.int64))
-        group = self.parallel.dp_group if self.dp > 1 else None
+        group = self.parallel.host_dp_group if self.dp > 1 else None
         if cfg.algorithm.name != "spo":
             return None
         if cfg.spo.offline_values:
@@ -328,7 +346,7 @@ class Trainer:
         found = dict(zip(mine, values))
         if self.dp > 1:
             gathered = [None] * self.dp
-            torch.distributed.all_gather_object(gathered, found, group=self.parallel.dp_group)
+            torch.distributed.all_gather_object(gathered, found, group=self.parallel.host_dp_group)
             found = {k: v for part in gathered for k, v in part.items()}
         self.q0.update(found)
 
@@ -371,7 +389,7 @@ class Trainer:
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dp > 1:
             tensor = tensor.clone()
-            torch.distributed.all_reduce(tensor, group=self.parallel.dp_group)
+            torch.distributed.all_reduce(tensor, group=self.parallel.host_dp_group)
         return tensor
 
     # ------------------------------------------------------------------ the step
@@ -508,7 +526,7 @@ class Trainer:
         stats = self._reduce_sum(torch.stack([adv_seq.sum(), torch.tensor(float(adv_seq.numel()))]))
         abs_max = adv_seq.abs().max() if adv_seq.numel() else torch.zeros(())
         if self.dp > 1:
-            torch.distributed.all_reduce(abs_max, op=torch.distributed.ReduceOp.MAX, group=self.parallel.dp_group)
+            torch.distributed.all_reduce(abs_max, op=torch.distributed.ReduceOp.MAX, group=self.parallel.host_dp_group)
         return stats, abs_max
 
     def _mini_batch_of(self, rollout: Rollout) -> list[int]:
@@ -633,7 +651,7 @@ class Trainer:
             prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key, prompt=cfg.data.prompt,
         )
         result = evaluate(self.engine, self.tokenizer, self._eval_records, settings, pool=self.scorer,
-                          rank=par.dp_rank, world_size=self.dp, group=par.dp_group if self.dp > 1 else None)
+                          rank=par.dp_rank, world_size=self.dp, group=par.host_dp_group if self.dp > 1 else None)
         return {f"eval/{k}": float(v) for k, v in result.get("overall", {}).items()}
 
     # ------------------------------------------------------------------ checkpoints
@@ -677,6 +695,13 @@ class Trainer:
         _barrier(par)
         return final
 
+    def checkpoint_state_dicts(self) -> dict:
+        """The sharded (dist_checkpointing) state dict of the actor's model chunks, as a checkpoint
+        saves it (the GPU dry run builds it on the simulated ranks)."""
+        from megatron_spo.models.checkpoint import _sharded_state_dict
+
+        return _sharded_state_dict(self.actor.raw_chunks)
+
     def _prune_checkpoints(self) -> None:
         complete = complete_checkpoints(self.config.checkpoint_dir)
         for old in complete[: -self.config.checkpoint.keep_last]:
@@ -713,7 +738,7 @@ class Trainer:
         self.reference_tokens = state.get("reference_tokens", 0)
         if self.store is not None:
             self.store = ValueStore.load(latest / "value_store", self.config.spo,
-                                         group=self.parallel.dp_group if self.dp > 1 else None)
+                                         group=self.parallel.host_dp_group if self.dp > 1 else None)
         self.step, self.cursor, self.epoch = state["step"], state["cursor"], state["epoch"]
         self.generated_tokens = state["generated_tokens"]
         self.sample_rng.bit_generator.state = state["sample_rng"]

@@ -1,0 +1,151 @@
+"""The per-GPU memory plan of a dry run, from what each role measured (`runner.run_role`).
+
+Items are measured as live accelerator bytes (`audit.Audit`): parameters, gradients and optimizer
+state are the distinct storages behind the model's parameters, their `main_grad` buffers and the
+optimizer's state and master weights; the transient items are peaks above the resident bytes
+while that piece of the step ran. The rollout engine is not executed here: vLLM reserves
+`rollout.gpu_memory_utilization` of the GPU for its weights, activations and KV cache, and that
+reservation is what the plan counts; its weights are the HF checkpoint's parameters in the
+engine's dtype, divided over the rollout TP group.
+
+Phases: `rollout` = actor resident + weight export buffers + engine; `training` = actor resident +
+the larger of the update and the forward-only log-prob passes + what the engine keeps meanwhile.
+The trainer does not put the engine to sleep yet, so it keeps its whole reservation during training
+(the GPU-readiness II issue adds the sleep / offload choreography).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 2**30
+
+UPDATE = "actor update (forward + backward + optimizer)"
+FORWARD = "forward-only log-probs (old / reference / drift)"
+EXPORT = "weight export to the engine"
+LOSS = "loss buffers (log-probs, entropy, ratios)"
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass
+class RolePlan:
+    rank: int
+    role: str
+    items: dict[str, float]  # name -> bytes
+    phases: dict[str, tuple[float, str]]  # phase -> (bytes, largest item)
+    seconds: float
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    budget_gib: float
+    roles: list[RolePlan]
+    header: list[str]
+    footer: list[str]
+
+    @classmethod
+    def from_results(cls, cfg, results: list[dict]) -> "MemoryPlan":
+        r0 = results[0]
+        roll = cfg.rollout
+        budget = cfg.dry_run.gpu_memory_gib * GIB
+        roles = []
+        for r in results:
+            ph = r["phases"]
+            peak = lambda name: float(ph.get(name, {}).get("peak_above", 0))  # noqa: E731
+            static = r["static_after_step"]
+            other = static - r["param_bytes"] - r["grad_bytes"] - r["optimizer_bytes"]
+            loss = peak(LOSS)
+            activations = max(peak(UPDATE) - r["logits_bytes"] - loss, 0.0)
+            # the whole HF model in the engine's dtype, sharded over the rollout TP group
+            engine_weights = r["hf_numel"] * _DTYPE_BYTES.get(roll.dtype, 2) / max(roll.tensor_parallel_size, 1)
+            if roll.engine == "vllm":
+                engine_total = roll.gpu_memory_utilization * budget
+            else:
+                engine_total = engine_weights
+            items = {
+                "parameters (" + r["dtype"] + ")": r["param_bytes"],
+                "gradients (fp32 buffer)": r["grad_bytes"],
+                "optimizer state + master weights" + (" (DP-sharded)" if r["distributed_optimizer"] else ""):
+                    r["optimizer_bytes"],
+                "other resident (bridge gather buffers, RoPE)": other,
+                "activations, largest micro-batch": activations,
+                "logits (b, s, V/tp)": r["logits_bytes"],
+                "loss buffers (log-softmax, entropy)": loss,
+                "forward-only log-prob pass (peak)": peak(FORWARD),
+                "weight export buffers (peak)": peak(EXPORT),
+                "checkpoint state dict (peak)": r["checkpoint_peak_above"],
+                "rollout engine: weights": engine_weights,
+                "rollout engine: KV cache + activations": max(engine_total - engine_weights, 0.0),
+            }
+            training_extra = max(peak(UPDATE), peak(FORWARD))
+            phases = {
+                "rollout": (static + peak(EXPORT) + engine_total,
+                            _largest({**_resident(items), "rollout engine (reserved)": engine_total,
+                                      "weight export buffers": peak(EXPORT)})),
+                "training": (static + training_extra + engine_total,
+                             _largest({**_resident(items), "activations + logits + loss buffers": peak(UPDATE),
+                                       "rollout engine (awake, not offloaded)": engine_total})),
+            }
+            roles.append(RolePlan(r["rank"], r["role"], items, phases, r["wall_seconds"]))
+        header = [
+            f"memory plan per GPU (GiB; budget {cfg.dry_run.gpu_memory_gib:g}), measured from live accelerator tensors "
+            f"on the simulated ranks; attention: {r0['attention']} spec, counted as flash attention (no T x T scores)",
+            f"optimizer: {'Megatron distributed (state sharded over DP ' + str(r0['dp']) + ')' if r0['distributed_optimizer'] else 'Megatron (unsharded)'}; "
+            f"rollout engine {roll.engine}: " + (f"reserves gpu_memory_utilization {roll.gpu_memory_utilization:g} of the GPU "
+                                                 f"(not executed; from the config)" if roll.engine == "vllm" else "weights only"),
+        ]
+        subs: dict[str, int] = {}
+        for r in results:
+            for k, v in r["substitutions"].items():
+                subs[k] = subs.get(k, 0) + v
+        footer = ["collectives: data from other ranks is taken to equal this rank's (fake process group); with "
+                  "PP > 1 the export plan other stages send is this stage's, so export buffers are approximate"]
+        if subs:
+            footer.append("substituted (a GPU value read back on the host; the step continued with the stand-in):")
+            footer += [f"  {count:4d} x {what}" for what, count in sorted(subs.items(), key=lambda kv: -kv[1])[:12]]
+            if len(subs) > 12:
+                footer.append(f"  ... and {len(subs) - 12} more sites")
+        return cls(cfg.dry_run.gpu_memory_gib, roles, header, footer)
+
+    def render(self) -> str:
+        names = list(self.roles[0].items)
+        width = max(len(n) for n in names + ["phase peak: training"]) + 2
+        cols = [f"rank {r.rank}" for r in self.roles]
+        lines = list(self.header)
+        lines.append("".ljust(width) + "".join(c.rjust(12) for c in cols))
+        for name in names:
+            lines.append(name.ljust(width) + "".join(f"{r.items[name] / GIB:12.2f}" for r in self.roles))
+        for phase in self.roles[0].phases:
+            row = f"phase peak: {phase}".ljust(width)
+            for r in self.roles:
+                value = r.phases[phase][0] / GIB
+                row += f"{value:11.2f}{'!' if value > self.budget_gib else ' '}"
+            lines.append(row)
+        lines.append("seconds".ljust(width) + "".join(f"{r.seconds:12.1f}" for r in self.roles))
+        for r in self.roles:
+            lines.append(f"rank {r.rank}: {r.role}")
+        over = self.over_budget()
+        lines.append(f"DOES NOT FIT: {over}" if over else f"fits: every phase of every role within {self.budget_gib:g} GiB")
+        lines += self.footer
+        return "\n".join(lines)
+
+    def over_budget(self) -> str | None:
+        """One line naming the phase most over the budget and its largest item, or None."""
+        worst = max(((value, phase, largest, r.rank) for r in self.roles
+                     for phase, (value, largest) in r.phases.items()), default=None)
+        if worst is None or worst[0] <= self.budget_gib * GIB:
+            return None
+        value, phase, largest, rank = worst
+        return (f"phase '{phase}' on rank {rank} needs {value / GIB:.1f} GiB > {self.budget_gib:g} GiB "
+                f"(dry_run.gpu_memory_gib); largest item: {largest}")
+
+
+def _resident(items: dict[str, float]) -> dict[str, float]:
+    keep = ("parameters", "gradients", "optimizer", "other resident")
+    return {k: v for k, v in items.items() if k.startswith(keep)}
+
+
+def _largest(items: dict[str, float]) -> str:
+    name, value = max(items.items(), key=lambda kv: kv[1])
+    return f"{name} ({value / GIB:.1f} GiB)"

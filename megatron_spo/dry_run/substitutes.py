@@ -1,0 +1,147 @@
+"""What the dry run puts where a GPU run reads data it does not have here.
+
+Each substitute keeps the real code path and its worst case: the rollout engine answers every
+request with the longest response allowed (so every micro-batch fills the token budget), weights
+are "read" with the HF checkpoint's shapes but no data (so the bridge's real slicing and copies
+run), prompts have the maximum prompt length. Rewards alternate 1, 0 by prompt, so both branches of
+every reward-dependent path run. None of them needs the model's weights, tokenizer or the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from megatron_spo.rollout.types import Completion, GenerationRequest, GenerationResult, RolloutEngine
+
+
+def hf_shapes(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """HF tensor name -> (shape, dtype) of the checkpoint that `model_dir/config.json` describes,
+    from transformers' own model class instantiated on the meta device (no weights)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)  # a tied checkpoint stores the embedding only
+    return shapes
+
+
+class ShapeReader:
+    """The safetensors reader's interface over shapes only: each read returns a host tensor of the
+    requested slice's shape (uninitialised), as safetensors would before the copy to the GPU."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        self.shapes = shapes
+        self.bytes_read = 0
+
+    def check(self, name: str) -> None:
+        if name not in self.shapes:
+            raise KeyError(f"the HF model class has no tensor {name!r}")
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.shapes[name][0])
+
+    def __call__(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        shape, dtype = self.shapes[name]
+        shape = list(shape)
+        if dim is not None:
+            shape[dim] = stop - start
+        self.bytes_read += int(np.prod(shape)) * dtype.itemsize
+        return torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        pass
+
+
+def shapes_only_loader(model_dir: str | Path):
+    """A `TrainerParts.load_model`: build the model on the accelerator and load it through the
+    bridge from a `ShapeReader` (the real load path, without the weights)."""
+
+    def load(path, parallel, *, dtype, seed):
+        from megatron_spo.models.bridge import WeightBridge
+        from megatron_spo.models.builder import build_model
+        from megatron_spo.models.hf_config import load_model_spec
+
+        spec = load_model_spec(model_dir)
+        spec.check_parallel(parallel.tp, parallel.pp, parallel.vpp)
+        bridge = WeightBridge(spec, parallel)
+        chunks = build_model(spec, parallel, dtype=dtype, seed=seed)
+        reader = ShapeReader({k: (s, dtype) for k, (s, _) in hf_shapes(model_dir).items()})
+        with torch.no_grad():
+            bridge.load_hf(chunks, model_dir, reader=reader)
+        return spec, chunks, bridge
+
+    return load
+
+
+class WorstCaseEngine(RolloutEngine):
+    """Every sample runs to `max_tokens` (or the context length): the longest rollout the config
+    allows. Token ids cycle through the vocabulary (never an end token in practice); each
+    sampled token's log-probability is -1. Weight updates are consumed and counted."""
+
+    def __init__(self, *, vocab_size: int, max_model_len: int | None):
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.synced_bytes = 0
+        self.synced_tensors = 0
+        self.largest_tensor_bytes = 0
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        results = []
+        for request in requests:
+            p = request.params
+            room = p.max_tokens
+            if self.max_model_len is not None:
+                room = min(room, self.max_model_len - len(request.prompt_token_ids))
+            completions = []
+            for j in range(p.n):
+                ids = [(3 + j + t) % self.vocab_size for t in range(room)]
+                completions.append(Completion(token_ids=ids, logprobs=[-1.0] * room, finish_reason="length", text=""))
+            results.append(GenerationResult(request=request, completions=completions))
+        return results
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for _, tensor in named_tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            self.synced_bytes += nbytes
+            self.synced_tensors += 1
+            self.largest_tensor_bytes = max(self.largest_tensor_bytes, nbytes)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SilentTokenizer:
+    """The tokenizer calls the trainer makes on generated ids, without a vocabulary."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return []
+
+
+@dataclasses.dataclass
+class _Scored:
+    scores: list[float]
+    metrics: dict
+
+
+class AlternatingScorer:
+    """The scoring pool's interface: a prompt whose answer is "1" scores 1, else 0."""
+
+    def score(self, texts: Sequence[str], answers: Sequence[str]) -> _Scored:
+        return _Scored(scores=[1.0 if a == "1" else 0.0 for a in answers], metrics={})
+
+    def close(self) -> None:
+        pass

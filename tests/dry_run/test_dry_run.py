@@ -1,0 +1,186 @@
+"""`megatron-spo train --dry-run`: the real step of a GPU configuration on simulated GPUs.
+
+Each dry run is a subprocess (it turns its process into a rank of a simulated cluster for good).
+Covered: a tiny config end to end with closed-form parameter / gradient / optimizer bytes and
+`dtype: auto` = bf16 on GPU; each kind of device bug the strict mode must catch, planted into the
+real step, failing with the file:line of the offending call; the Qwen3-8B recipe (the command the
+README gives) with its plan's closed-form counts; and the over-budget refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 2**30
+
+
+def params_per_tp_rank(cfg: dict, tp: int) -> int:
+    """Parameters one TP rank holds (PP = 1), from the HF config alone."""
+    h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    per_layer = (heads + 2 * kv) * hd * h // tp + h * heads * hd // tp + 3 * f * h // tp + 2 * h
+    if cfg.get("model_type") == "qwen3":
+        per_layer += 2 * hd  # q_norm, k_norm
+    embeddings = (1 if cfg.get("tie_word_embeddings") else 2) * cfg["vocab_size"] * h // tp
+    return layers * per_layer + embeddings + h
+
+
+def megatron_padding_bound(cfg: dict, dp: int) -> int:
+    """Most elements Megatron's distributed-optimizer buffer adds: each parameter starts 64-aligned,
+    the bucket ends on a multiple of lcm(dp, 128)."""
+    n_params = 3 + cfg["num_hidden_layers"] * (6 + (2 if cfg.get("model_type") == "qwen3" else 0))
+    return 64 * n_params + math.lcm(dp, 128)
+
+
+def check_closed_form(role: dict, cfg: dict, tp: int, dp: int) -> None:
+    n = params_per_tp_rank(cfg, tp)
+    pad = megatron_padding_bound(cfg, dp)
+    assert role["param_numel"] == n
+    assert 2 * n <= role["param_bytes"] <= 2 * (n + pad)  # bf16, in DDP's padded buffer
+    assert 4 * n <= role["grad_bytes"] <= 4 * (n + pad)  # fp32 gradient buffer
+    # distributed optimizer: fp32 master + two Adam moments of this rank's 1/dp of the buffer
+    assert abs(role["optimizer_bytes"] - 12 * n / dp) <= 12 * pad
+
+
+def run(args: list[str], *, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny Qwen3 GPU config: TP 2 on 4 simulated GPUs (DP 2), bf16 from `dtype: auto`."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import tiny_config
+
+    model = tmp_path / "model"
+    hf_config = tiny_config("qwen3")
+    hf_config.architectures = ["Qwen3ForCausalLM"]
+    hf_config.save_pretrained(model)  # config.json only: no weights, no tokenizer
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n")
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"hf_dir": str(model), "dtype": "auto"},
+        "parallel": {"tp": 2, "pp": 1},
+        "data": {"train_files": [str(data)], "prompt": {"max_prompt_tokens": 16}},
+        "algorithm": {"name": "spo"},
+        "rollout": {"engine": "vllm", "max_response_tokens": 48, "gpu_memory_utilization": 0.5},
+        "batch": {"train_batch_size": 8, "mini_batch_size": 4, "max_tokens_per_micro_batch": 64},
+        "dry_run": {"nodes": 1, "gpus_per_node": 4, "gpu_memory_gib": 1},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, json.loads((model / "config.json").read_text())
+
+
+def test_tiny_config_dry_run_measures_closed_form_bytes(tiny, tmp_path):
+    config, hf = tiny
+    report = tmp_path / "report.json"
+    proc = run(["-m", "megatron_spo", "train", "--config", str(config), "--dry-run", f"dry_run.report_file={report}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory plan per GPU" in proc.stdout and "phase peak: training" in proc.stdout
+    roles = json.loads(report.read_text())["roles"]
+    assert [r["rank"] for r in roles] == [0, 3]
+    for role in roles:
+        assert role["dtype"] == "bfloat16"  # model.dtype auto on GPU
+        assert role["distributed_optimizer"] is True
+        check_closed_form(role, hf, tp=2, dp=2)
+        # one micro-batch of the token budget: logits (1, 64, V / 2) in bf16
+        assert role["logits_bytes"] == 64 * hf["vocab_size"] // 2 * 2
+        assert role["engine_synced_bytes"] > 0
+
+
+def test_over_budget_fails_with_one_line_when_fit_is_required(tiny, tmp_path):
+    config, _ = tiny
+    proc = run(["-m", "megatron_spo", "train", "--config", str(config), "--dry-run",
+                "dry_run.gpu_memory_gib=0.001", "dry_run.require_fit=true"])
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"phase '(rollout|training)' on rank \d+ needs .* GiB > 0.001 GiB \(dry_run.gpu_memory_gib\); "
+                     r"largest item: rollout engine", last), last
+
+
+PLANTS = {
+    # the actor no longer moves micro-batches to the GPU (the old code: CPU tensors into the model)
+    "cpu_into_model": """
+        import megatron_spo.training.actor as actor_module
+        from megatron_spo import platform as real
+        class CpuDevice:
+            def __getattr__(self, name): return getattr(real, name)
+            def device(self): return torch.device("cpu")
+        actor_module.platform = CpuDevice()
+    """,
+    # host sums and the value store on the NCCL data-parallel group (the old code)
+    "cpu_into_nccl": """
+        import dataclasses
+        from megatron_spo import platform
+        original = platform.init_distributed
+        platform.init_distributed = lambda *a, **k: dataclasses.replace(
+            original(*a, **k), host_dp_group=original(*a, **k).dp_group)
+    """,
+    # a GPU tensor into the gloo data-parallel group
+    "gpu_into_gloo": """
+        from megatron_spo import platform
+        from megatron_spo.training.trainer import Trainer
+        original = Trainer._reduce_sum
+        Trainer._reduce_sum = lambda self, t: original(self, t.to(platform.device()))
+    """,
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_strict_mode_catches_planted_device_bugs(tiny, tmp_path, plant):
+    config, _ = tiny
+    from megatron_spo.dry_run.runner import prepare_config
+
+    _, data, _ = prepare_config(str(config), [], tmp_path)
+    role_config = tmp_path / "role.yaml"
+    role_config.write_text(yaml.safe_dump(data))
+    script = tmp_path / "plant.py"
+    script.write_text("import sys, torch\n" + textwrap.dedent(PLANTS[plant]) + textwrap.dedent(f"""
+        from megatron_spo.dry_run.runner import run_role
+        run_role({str(role_config)!r}, 0, {str(tmp_path / 'out.json')!r})
+    """))
+    proc = run([str(script)])
+    assert proc.returncode != 0
+    error = [line for line in proc.stderr.splitlines() if "DeviceMixError" in line][-1]
+    expected = {"cpu_into_model": r"mixes GPU and CPU tensors", "cpu_into_nccl": r"on a nccl group got a cpu tensor",
+                "gpu_into_gloo": r"on a gloo group got a meta tensor"}[plant]
+    assert re.search(expected, error), error
+    # the offending call in our code, by file:line, and that line is the call named
+    site = re.findall(r"(megatron_spo/[\w/]+\.py):(\d+)", error)[-1]
+    line = (REPO / site[0]).read_text().splitlines()[int(site[1]) - 1]
+    want = {"cpu_into_model": ("training/actor.py", "model("),
+            "cpu_into_nccl": ("", "torch.distributed."),
+            "gpu_into_gloo": ("training/trainer.py", "all_reduce")}[plant]
+    assert want[0] in site[0] and want[1] in line, (site, line)
+
+
+@pytest.mark.slow
+def test_qwen3_8b_recipe_dry_run(tmp_path):
+    """The README's command: the 8-GPU Qwen3-8B SPO recipe, TP 2 x DP 4."""
+    report = tmp_path / "report.json"
+    proc = run(["-m", "megatron_spo", "train", "--config", "examples/qwen3_8b_dapo/spo.yaml", "--dry-run",
+                "dry_run.nodes=1", "dry_run.gpus_per_node=8", f"dry_run.report_file={report}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "memory plan per GPU" in proc.stdout
+    hf = json.loads((REPO / "examples/qwen3_8b_dapo/model/config.json").read_text())
+    roles = json.loads(report.read_text())["roles"]
+    assert len(roles) == 2
+    for role in roles:
+        check_closed_form(role, hf, tp=2, dp=4)
+        # logits of one full micro-batch: 18,432 tokens x V/2 in bf16
+        assert role["logits_bytes"] == 18432 * hf["vocab_size"] // 2 * 2
