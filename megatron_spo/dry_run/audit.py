@@ -12,7 +12,7 @@ its last reference (a `weakref.finalize` on the storage): `live` bytes now, `pea
 `reset_peak()`. Nothing is estimated by formula.
 
 Data the accelerator would hold cannot be read back: `.item()` on a meta tensor returns 0 (False
-for booleans) and a copy from meta to CPU yields zeros. Each such site is recorded in
+for booleans) and a copy from meta to CPU yields -1 for floats (see `_host_copy`), 0 otherwise. Each such site is recorded in
 `substitutions` and printed, so the output says where the step ran on a substitute value.
 """
 
@@ -34,6 +34,7 @@ aten = torch.ops.aten
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _DRY_RUN_DIR = os.path.dirname(__file__)
 _PACKAGE_DIR = os.path.dirname(_DRY_RUN_DIR)
+_PLATFORM_FILE = os.path.join(_PACKAGE_DIR, "platform.py")  # its shims stand in for torch's own calls
 
 
 class DeviceMixError(RuntimeError):
@@ -46,7 +47,8 @@ def call_site() -> tuple[str, str | None]:
     site = user = None
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename
-        if path.startswith(_TORCH_DIR) or path.startswith(_DRY_RUN_DIR) or "/contextlib.py" in path:
+        if (path.startswith(_TORCH_DIR) or path.startswith(_DRY_RUN_DIR) or path == _PLATFORM_FILE
+                or "/contextlib.py" in path):
             continue
         where = f"{os.path.relpath(path) if path.startswith(os.getcwd()) else path}:{frame.lineno}"
         if site is None:
@@ -126,6 +128,14 @@ class Audit(TorchDispatchMode):
         site, user = call_site()
         self.substitutions[f"{what} at {site}" + (f" (from {user})" if user and user != site else "")] += 1
 
+    def _host_copy(self, out: torch.Tensor) -> torch.Tensor:
+        """A GPU -> CPU copy: floats become -1 (read as log-probabilities, p = 0.37 < 0.9: every
+        token is "low-probability", the worst case for segment cut points and masks), other
+        dtypes 0."""
+        floating = out.dtype.is_floating_point
+        self._substitute(f"GPU -> CPU copy -> {'-1' if floating else '0'}")
+        return out.fill_(-1 if floating else 0)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -136,12 +146,10 @@ class Audit(TorchDispatchMode):
             return False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
         if on_meta:
             if func is aten._to_copy.default and str(kwargs.get("device", "meta")) == "cpu":
-                self._substitute("GPU -> CPU copy -> zeros")
                 src = args[0]
-                return torch.zeros(src.shape, dtype=kwargs.get("dtype") or src.dtype)
+                return self._host_copy(torch.empty(src.shape, dtype=kwargs.get("dtype") or src.dtype))
             if func is aten.copy_.default and args[0].device.type == "cpu":
-                self._substitute("GPU -> CPU copy -> zeros")
-                return args[0].zero_()
+                return self._host_copy(args[0])
             if func not in _TRANSFERS:
                 cpu = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
                 if func in _INDEXING:

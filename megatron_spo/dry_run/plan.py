@@ -90,7 +90,9 @@ class MemoryPlan:
             roles.append(RolePlan(r["rank"], r["role"], items, phases, r["wall_seconds"]))
         header = [
             f"memory plan per GPU (GiB; budget {cfg.dry_run.gpu_memory_gib:g}), measured from live accelerator tensors "
-            f"on the simulated ranks; attention: {r0['attention']} spec, counted as flash attention (no T x T scores)",
+            f"on the simulated ranks",
+            f"layer spec: {'Transformer Engine' if r0['attention'] == 'transformer-engine' else 'local (torch-native; Transformer Engine is not importable without CUDA): norms and activations unfused, an upper bound on TE'}; "
+            f"attention counted as flash attention (no T x T scores)",
             f"optimizer: {'Megatron distributed (state sharded over DP ' + str(r0['dp']) + ')' if r0['distributed_optimizer'] else 'Megatron (unsharded)'}; "
             f"rollout engine {roll.engine}: " + (f"reserves gpu_memory_utilization {roll.gpu_memory_utilization:g} of the GPU "
                                                  f"(not executed; from the config)" if roll.engine == "vllm" else "weights only"),

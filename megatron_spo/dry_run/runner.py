@@ -43,13 +43,14 @@ def _layout(cfg) -> tuple[int, int, int, int]:
     return world, tp, pp, world // (tp * pp)
 
 
-def role_ranks(world: int, tp: int, pp: int) -> dict[int, str]:
+def role_ranks(world: int, tp: int, pp: int, *, value_store: bool = True) -> dict[int, str]:
     """Global rank -> role description, for Megatron's rank order (TP fastest, then DP, then PP)."""
     dp = world // (tp * pp)
-    roles: dict[int, str] = {0: "first stage, tp 0, dp 0: rollout leader, value-store shard 0"}
+    shard = lambda d: f", value-store shard {d}" if value_store else ""  # noqa: E731
+    roles: dict[int, str] = {0: f"first stage, tp 0, dp 0: rollout leader{shard(0)}"}
     if pp > 1:
         roles.setdefault((pp - 1) * tp * dp, f"last stage (pp {pp - 1}), tp 0, dp 0")
-    roles.setdefault(world - 1, f"last rank: pp {pp - 1}, tp {tp - 1}, dp {dp - 1} (value-store shard {dp - 1})")
+    roles.setdefault(world - 1, f"last rank: pp {pp - 1}, tp {tp - 1}, dp {dp - 1}{shard(dp - 1)}")
     return roles
 
 
@@ -89,7 +90,10 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
 
     # shrink the batch, keeping every micro-batch at its worst (see the module docstring)
     b, n = cfg.batch, cfg.rollout.n or 1
-    seq_len = cfg.data.prompt.max_prompt_tokens + cfg.rollout.max_response_tokens
+    name = cfg.algorithm.name
+    longest = (getattr(cfg.algorithm, name).max_response_tokens if name in ("spo_chain", "spo_tree")
+               else cfg.rollout.max_response_tokens)  # the segment algorithms sample with their own
+    seq_len = cfg.data.prompt.max_prompt_tokens + longest
     rows = max(1, b.max_tokens_per_micro_batch // seq_len) if b.max_tokens_per_micro_batch else b.micro_batch_size
     per_rank_prompts = max(1, math.ceil(pp * rows / n))
     mini = dp * per_rank_prompts
@@ -280,7 +284,7 @@ def dry_run(config_path: str | None, overrides: list[str], *, out=sys.stdout) ->
         for note in notes:
             print(f"  {note}", file=out)
         results = []
-        for rank, role in role_ranks(world, tp, pp).items():
+        for rank, role in role_ranks(world, tp, pp, value_store=cfg.algorithm.name == "spo").items():
             result_file = workdir / f"rank{rank}.json"
             t = time.perf_counter()
             proc = subprocess.run(

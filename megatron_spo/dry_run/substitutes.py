@@ -138,10 +138,12 @@ class _Scored:
 
 
 class AlternatingScorer:
-    """The scoring pool's interface: a prompt whose answer is "1" scores 1, else 0."""
+    """The scoring pool's interface: rewards alternate 1, 0, 1, ... within each scored batch, so
+    groups (GRPO), continuations (SPO-chain) and tree leaves (SPO-tree) differ and every
+    advantage path carries non-zero values."""
 
     def score(self, texts: Sequence[str], answers: Sequence[str]) -> _Scored:
-        return _Scored(scores=[1.0 if a == "1" else 0.0 for a in answers], metrics={})
+        return _Scored(scores=[float(i % 2 == 0) for i in range(len(texts))], metrics={})
 
     def close(self) -> None:
         pass

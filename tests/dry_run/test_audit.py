@@ -37,7 +37,7 @@ def test_reads_of_device_values_are_substituted_and_recorded():
         assert x.sum().item() == 0.0
         assert bool((x > 0).any()) is False
         host = x.cpu()
-    assert host.device.type == "cpu" and torch.equal(host, torch.zeros(3))
+    assert host.device.type == "cpu" and torch.equal(host, torch.full((3,), -1.0))
     sites = " ".join(audit.substitutions)
     assert ".item()" in sites and "GPU -> CPU copy" in sites and "test_audit.py" in sites
 

@@ -184,3 +184,22 @@ def test_qwen3_8b_recipe_dry_run(tmp_path):
         check_closed_form(role, hf, tp=2, dp=4)
         # logits of one full micro-batch: 18,432 tokens x V/2 in bf16
         assert role["logits_bytes"] == 18432 * hf["vocab_size"] // 2 * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, extra", [
+    ("grpo", ["rollout.n=2", "parallel.pp=2", "loss.kl_coef=0.001"]),  # PP 2 and the reference's log-probs
+    ("spo_chain", ["algorithm.spo_chain.max_response_tokens=48"]),
+    ("spo_tree", ["algorithm.spo_tree.branching_factors=[2,2]", "algorithm.spo_tree.segment_tokens=16",
+                  "algorithm.spo_tree.max_response_tokens=48"]),
+    ("soft_spo", []),
+])
+def test_every_algorithm_passes_the_dry_run(tiny, tmp_path, algorithm, extra):
+    config, _ = tiny
+    report = tmp_path / "report.json"
+    proc = run(["-m", "megatron_spo", "train", "--config", str(config), "--dry-run", f"algorithm.name={algorithm}",
+                f"dry_run.report_file={report}", *extra])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    roles = json.loads(report.read_text())["roles"]
+    assert all(r["metrics"]["rollout/train_sequences"] > 0 for r in roles)
+    assert all(r["phases"]["actor update (forward + backward + optimizer)"]["calls"] >= 1 for r in roles)
