@@ -173,6 +173,88 @@ def load_mcore_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Pat
             )
 
 
+# The distributed optimizer's shard layout: Megatron-LM's default, each rank writes and reads its
+# own buckets with no gather (resharding is over DP only; a training checkpoint resumes at the
+# layout it was written at). The model-space layout needs `flattened_range`, which
+# dist_checkpointing 0.16 refuses.
+DISTRIB_OPTIM_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def optimizer_sharded_state_dict(optimizer, chunks: Sequence[torch.nn.Module], *, is_loading: bool) -> dict:
+    """The Megatron optimizer's state as dist_checkpointing sees it, keyed by the model's sharded
+    tensors: step, param groups, grad scaler, Adam moments and fp32 master weights (with the
+    distributed optimizer, this rank's shards of them)."""
+    if is_loading:
+        for part in _distributed_parts_on_torch_adam(optimizer):
+            if not part.optimizer.state:
+                # torch's Adam has no state (so no `step`) before its first step, and the
+                # distributed optimizer's state_dict() asserts a step: Megatron's own placeholder
+                # step (zero gradients) makes one; the load overwrites every value it writes
+                part._init_optimizer_states_with_dummy_values()
+    return {"optimizer": optimizer.sharded_state_dict(_sharded_state_dict(chunks), is_loading=is_loading,
+                                                       metadata=DISTRIB_OPTIM_SHARDING)}
+
+
+def save_optimizer_checkpoint(optimizer, chunks: Sequence[torch.nn.Module], parallel: ParallelContext,
+                              out_dir: str | Path) -> None:
+    """Write the optimizer state as a distributed checkpoint in `out_dir`, replacing anything a
+    killed save left there (collective over all ranks). `optimizer.state_dict()` is not enough:
+    the distributed optimizer's holds no parameter state."""
+    from megatron.core import dist_checkpointing
+
+    out_dir = Path(out_dir)
+    if parallel.rank == 0:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        out_dir.mkdir(parents=True)
+    if parallel.world_size > 1:
+        torch.distributed.barrier()
+    dist_checkpointing.save(optimizer_sharded_state_dict(optimizer, chunks, is_loading=False), str(out_dir))
+
+
+def load_optimizer_checkpoint(optimizer, chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> None:
+    """Load what `save_optimizer_checkpoint` wrote, at the same TP/PP/DP, after the model's weights
+    (collective over all ranks)."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"optimizer checkpoint {ckpt_dir} does not exist")
+    sharded = optimizer_sharded_state_dict(optimizer, chunks, is_loading=True)
+    try:
+        with warnings.catch_warnings():  # torch.distributed.checkpoint's ShardedTensor deprecations
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = dist_checkpointing.load(sharded, str(ckpt_dir))["optimizer"]
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - DCP's error is a BaseException
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"optimizer checkpoint {ckpt_dir} is corrupt or does not match: {first_line}") from err
+    with torch.no_grad():  # the distributed optimizer's fp32 master weights of fp32 parameters are views of them
+        optimizer.load_state_dict(loaded)
+    # torch's Adam under the distributed optimizer: megatron-core 0.16.1's load gives every
+    # parameter one shared `step` tensor (Adam then increments it once per parameter), and the
+    # dp_reshardable shards copy this rank's placeholder step into it; the step saved with the
+    # param groups is the right one, one tensor per parameter as torch's Adam keeps it
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for part in _distributed_parts_on_torch_adam(optimizer):
+        part_state = loaded if len(parts) == 1 else loaded[parts.index(part)]
+        (step,) = {group["step"] for group in part_state["optimizer"]["param_groups"]}
+        for adam_state in part.optimizer.state.values():
+            adam_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _distributed_parts_on_torch_adam(optimizer) -> list:
+    """The DistributedOptimizers in `optimizer` whose inner optimizer is torch's Adam (no
+    Transformer Engine or Apex FusedAdam installed: megatron-core then keeps Adam's step per
+    parameter, in torch's way)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [part for part in parts if isinstance(part, distrib_optimizer.DistributedOptimizer)]
+
+
 class HFShardWriter:
     """Writes a stream of HF tensors as size-bounded safetensors shards plus an index."""
 

@@ -658,7 +658,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """model + optimizer + scheduler + value store + sampler + RNG + step, atomically."""
-        from megatron_spo.models.checkpoint import save_mcore_checkpoint
+        from megatron_spo.models.checkpoint import save_mcore_checkpoint, save_optimizer_checkpoint
 
         par = self.parallel
         root = self.config.checkpoint_dir
@@ -669,10 +669,12 @@ class Trainer:
         # everything below lands in a temporary sibling first; the state file is written last and
         # its presence is what marks the checkpoint complete
         _fault_injection_pause(self.step)
+        # Adam moments and fp32 master weights too (the distributed optimizer's shards of them),
+        # keyed by the model's sharded tensors; `optimizer.state_dict()` alone lacks them
+        save_optimizer_checkpoint(self.actor.optimizer, self.actor.raw_chunks, par, final / "optimizer")
         rank_dir = final / "ranks"
         rank_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_bytes(rank_dir / f"rank{par.rank:05d}.pt", _torch_bytes({
-            "optimizer": self.actor.optimizer.state_dict(),
             "scheduler": self.actor.scheduler.state_dict(),
             "actor_steps": self.actor.steps,
             "torch_rng": torch.get_rng_state(),
@@ -711,7 +713,7 @@ class Trainer:
                 shutil.rmtree(partial, ignore_errors=True)
 
     def _resume(self) -> None:
-        from megatron_spo.models.checkpoint import load_mcore_checkpoint
+        from megatron_spo.models.checkpoint import load_mcore_checkpoint, load_optimizer_checkpoint
         from megatron_spo.value import ValueStore
 
         if self.config.checkpoint.resume == "never":
@@ -728,8 +730,8 @@ class Trainer:
                 f"resume it with the same layout (convert its model/ to start a new run at another layout)"
             )
         load_mcore_checkpoint(self.actor.raw_chunks, latest / "model")
+        load_optimizer_checkpoint(self.actor.optimizer, self.actor.raw_chunks, latest / "optimizer")
         rank_state = torch.load(latest / "ranks" / f"rank{par.rank:05d}.pt", weights_only=False)
-        self.actor.optimizer.load_state_dict(rank_state["optimizer"])
         self.actor.scheduler.load_state_dict(rank_state["scheduler"])
         self.actor.steps = rank_state["actor_steps"]
         torch.set_rng_state(rank_state["torch_rng"])

@@ -1,5 +1,6 @@
-"""The SPO trainer: resume reproduces an uninterrupted run; a step at DP=2 / TP=2 / PP=2 equals
-the single-process step; a checkpoint killed mid-write is ignored."""
+"""The SPO trainer: resume reproduces an uninterrupted run (also the optimizer state, with the
+plain and the distributed optimizer at DP=2); a step at DP=2 / TP=2 / PP=2 equals the
+single-process step; a checkpoint killed mid-write is ignored."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import algorithm_setup, tiny_train_setup
+from helpers import algorithm_setup, merge, tiny_train_setup
 
 pytestmark = pytest.mark.distributed
 
@@ -35,12 +36,27 @@ def _train(rank, world_size, overrides, steps, tp=1, pp=1):
         if cfg.checkpoint.every_steps and trainer.step % cfg.checkpoint.every_steps == 0:
             trainer.save_checkpoint()
     params = {k: v.clone() for k, v in trainer.actor.export_hf()}
+    optimizer = _optimizer_state(trainer.actor.optimizer)
     store = None
     if trainer.store is not None:
         keys = sorted({p.key for p in trainer.prompts})
         store = trainer.store.posteriors(keys)
     trainer.close()
-    return {"history": history, "params": params, "store": store, "start": steps - len(history)}
+    return {"history": history, "params": params, "optimizer": optimizer, "store": store,
+            "start": steps - len(history)}
+
+
+def _optimizer_state(optimizer):
+    """This rank's Adam state: per optimizer parameter (an fp32 master weight, or with the
+    distributed optimizer this rank's shard of one), the tensor and its moments and step."""
+    state = {"kinds": [type(part).__name__ for part in optimizer.chained_optimizers], "params": []}
+    for part in optimizer.chained_optimizers:
+        for group in part.optimizer.param_groups:
+            for param in group["params"]:
+                adam = part.optimizer.state[param]
+                state["params"].append({"master": param.detach().clone(), "exp_avg": adam["exp_avg"].clone(),
+                                        "exp_avg_sq": adam["exp_avg_sq"].clone(), "step": float(adam["step"])})
+    return state
 
 
 def _assert_same(a, b, what):
@@ -66,6 +82,38 @@ def test_resume_reproduces_uninterrupted_run(spawn, tmp_path):
     assert resumed["start"] == 3, "did not resume from the step-3 checkpoint"
     _assert_same({**full, "history": full["history"][3:]}, resumed, "resumed run")
     assert first["history"] == full["history"][:3]
+
+
+@pytest.mark.parametrize("optimizer", ["distributed", "plain"])
+def test_resume_at_dp2_restores_optimizer_state(spawn, tmp_path, optimizer):
+    """At DP=2, a run resumed in a fresh process group from its step-1 checkpoint ends step 2 with
+    the parameters and the optimizer state (Adam moments, fp32 master weights, step) of the run
+    that went on without stopping, bit for bit. Distributed: Megatron's distributed optimizer over
+    bf16 parameters, so each rank holds its own shard of separate fp32 master weights."""
+    extra = {"optimizer": {"distributed": True}, "model": {"dtype": "bfloat16"}} if optimizer == "distributed" else {}
+    config = merge(tiny_train_setup(tmp_path), {**extra, "run_dir": str(tmp_path / "run"), "checkpoint": {"every_steps": 1}})
+    full = spawn(2, _train, config, 2)  # checkpoints after steps 1 and 2
+    from megatron_spo.training.trainer import STATE_FILE
+
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / STATE_FILE).unlink()  # step 1's is now the latest
+    resumed = spawn(2, _train, config, 2)
+    total = sum(p.numel() for p in full[0]["params"].values())
+    for rank, (want, got) in enumerate(zip(full, resumed)):
+        assert got["start"] == 1, "did not resume from the step-1 checkpoint"
+        _assert_same({**want, "history": want["history"][1:]}, got, f"resumed run rank {rank}")
+        kinds, held = want["optimizer"]["kinds"], sum(p["master"].numel() for p in want["optimizer"]["params"])
+        if optimizer == "distributed":
+            assert kinds == ["DistributedOptimizer"] and held < total  # a shard of the state, not all of it
+            assert all(p["master"].dtype == torch.float32 for p in want["optimizer"]["params"])
+        else:
+            assert kinds == ["FP32Optimizer"] and held == total
+        assert got["optimizer"]["kinds"] == kinds and len(got["optimizer"]["params"]) == len(want["optimizer"]["params"])
+        for i, (w, g) in enumerate(zip(want["optimizer"]["params"], got["optimizer"]["params"])):
+            assert w["step"] == g["step"] == 4, f"rank {rank} param {i}: step"  # 2 trainer steps x 2 mini-batches
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(w[key], g[key]), f"rank {rank} param {i}: {key}"
+    if optimizer == "distributed":
+        assert sum(p["master"].numel() for r in full for p in r["optimizer"]["params"]) == total
 
 
 def test_one_step_at_dp2_tp2_pp2_equals_single_process(spawn, tmp_path):
