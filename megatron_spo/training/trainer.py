@@ -698,11 +698,13 @@ class Trainer:
         return final
 
     def checkpoint_state_dicts(self) -> dict:
-        """The sharded (dist_checkpointing) state dict of the actor's model chunks, as a checkpoint
-        saves it (the GPU dry run builds it on the simulated ranks)."""
-        from megatron_spo.models.checkpoint import _sharded_state_dict
+        """The sharded (dist_checkpointing) state dicts a checkpoint saves: the actor's model chunks
+        and its optimizer (the GPU dry run builds them on the simulated ranks)."""
+        from megatron_spo.models.checkpoint import _sharded_state_dict, optimizer_sharded_state_dict
 
-        return _sharded_state_dict(self.actor.raw_chunks)
+        chunks = self.actor.raw_chunks
+        return {**_sharded_state_dict(chunks),
+                **optimizer_sharded_state_dict(self.actor.optimizer, chunks, is_loading=False)}
 
     def _prune_checkpoints(self) -> None:
         complete = complete_checkpoints(self.config.checkpoint_dir)
