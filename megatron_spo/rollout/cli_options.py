@@ -20,7 +20,7 @@ def add_generation_options(parser: argparse.ArgumentParser, *, n: int, n_help: s
         help=f"{n_help} (default %(default)s; under torchrun write -n, which torchrun's own options do not swallow)")
     add("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine (default %(default)s)")
     add("--tensor-parallel-size", type=int, default=1,
-        help="vllm: rollout TP; 1 = one engine per rank, WORLD = one engine over all ranks")
+        help="vllm: rollout TP R, dividing the world: one engine per R consecutive ranks (1 = one per rank)")
     add("--temperature", type=float, default=temperature, help="default %(default)s")
     add("--top-p", type=float, default=top_p, help="default %(default)s")
     add("--top-k", type=int, default=top_k, help="default %(default)s (-1 disables)")

@@ -39,9 +39,10 @@ class EngineConfig:
     """Load weights from `model`; False builds the model from its config with random weights,
     for engines whose weights always arrive through `update_weights` (the trainer's case)."""
     tensor_parallel_size: int = 1
-    """vllm: rollout tensor parallelism. 1 = one engine per rank (prompts split over ranks);
-    the world size = one engine sharded over all ranks of the torchrun job
-    (`external_launcher`). May differ from the actor's TP: weights arrive as full HF tensors."""
+    """vllm: rollout tensor parallelism R, dividing the torchrun world size: one engine per block
+    of R consecutive ranks (vLLM's `external_launcher`; 1 = one engine per rank, on that rank's
+    own GPU), every rank of a block sending it the same requests. May differ from the actor's TP:
+    weights arrive as full HF tensors."""
     kv_cache_gib: int = 1
     """vllm on CPU: KV-cache memory in whole GiB (VLLM_CPU_KVCACHE_SPACE); 1 GiB is plenty for
     tiny models and tests, real models want tens."""

@@ -35,6 +35,7 @@ from typing import Any
 
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.engine import EngineConfig, make_engine
+from megatron_spo.rollout.placement import RolloutPlacement
 from megatron_spo.rollout.cli_options import add_generation_options
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts
 from megatron_spo.rollout.records import (
@@ -122,7 +123,10 @@ def run(config: EstimateConfig) -> dict[str, Any]:
         if field(record, answer_field) is None:
             raise UserError(f"{config.data}: record {i} has no {answer_field!r}")
 
+    rollout_tp = config.engine.tensor_parallel_size if config.engine.name == "vllm" else 1
+    placement = RolloutPlacement.build(world, rollout_tp, key="--tensor-parallel-size")  # before the engine
     engine = make_engine(config.engine)
+    placement = dataclasses.replace(placement, spmd=getattr(engine, "spmd", False))
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
         raise UserError(f"--model: {config.engine.model} has no tokenizer; prompts need one")
@@ -139,11 +143,10 @@ def run(config: EstimateConfig) -> dict[str, Any]:
         )
         for p in batch.prompts
     ]
-    # one engine per rank: split the prompts; one engine sharded over all ranks: all prompts
-    sharded_engine = config.engine.name == "vllm" and config.engine.tensor_parallel_size > 1
-    my_jobs = jobs if sharded_engine else jobs[rank::world]
-    # a sharded engine hands every rank the same samples: rank 0 alone scores them
-    scores_here = not sharded_engine or rank == 0
+    # prompts split over rollout groups (one engine per R consecutive ranks, `rollout.placement`);
+    # the ranks of a group all get its samples: the group's leader alone scores them
+    my_jobs = [jobs[i] for i in placement.plan([None] * len(jobs), rank).generate]
+    scores_here = rank == placement.leader(placement.group_of(rank))
     pool = ScoringPool(config.reward) if scores_here else None
     reward_failures = 0
 
@@ -199,7 +202,7 @@ def run(config: EstimateConfig) -> dict[str, Any]:
 
         gathered = [None] * world if rank == 0 else None
         dist.gather_object((my_records, reward_failures), gathered, dst=0)
-        if rank == 0 and not sharded_engine:
+        if rank == 0:
             all_records = [r for part, _ in gathered for r in part]
             reward_failures = sum(failures for _, failures in gathered)
     # only now: vLLM's shutdown also tears down torch.distributed's default group

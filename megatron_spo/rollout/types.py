@@ -106,6 +106,11 @@ class Sample:
 class RolloutEngine(abc.ABC):
     """What the trainer needs from an inference engine."""
 
+    spmd: bool = False
+    """True when one engine spans a rollout group of several ranks that all call `generate` with
+    the same requests and all get the results (vLLM's `external_launcher`); False when each rank's
+    engine stands alone, and a group's leader generates for it (`rollout.placement`)."""
+
     @abc.abstractmethod
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Generate for every request; results are in request order."""

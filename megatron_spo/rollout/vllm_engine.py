@@ -1,10 +1,18 @@
 """The `vllm` rollout engine: `vllm.LLM` in-process, colocated with the actor in the torchrun ranks.
 
-- Placement: `tensor_parallel_size=1` is one engine per rank (uni-process executor; the caller
-  splits prompts over ranks); `tensor_parallel_size=WORLD` is one engine sharded over all ranks of
-  the torchrun job with `distributed_executor_backend="external_launcher"` (every rank calls
-  `generate` with the same requests, SPMD). The rollout TP need not equal the actor's: weights
-  arrive as full HF tensors and vLLM shards them itself.
+- Placement (`llm_arguments`, pure): one engine per rollout group of R = `tensor_parallel_size`
+  consecutive ranks (R divides the world; `rollout.placement` decides which prompts each group
+  generates). Under torchrun on GPU every engine, R = 1 included, uses
+  `distributed_executor_backend="external_launcher"`: vLLM then builds its TP groups as
+  contiguous blocks of R on the world torch.distributed already holds, the blocks being
+  independent engines ("ExternalDP", `vllm/distributed/parallel_state.py`
+  `initialize_model_parallel`), and its worker runs on `cuda:LOCAL_RANK`
+  (`vllm/v1/executor/uniproc_executor.py` `ExecutorWithExternalLauncher._distributed_args`,
+  `vllm/v1/worker/gpu_worker.py` `init_device`). The `uni` executor would take the index of the
+  device config's `cuda` (none: 0), putting every rank's engine on GPU 0. Every rank of a group
+  calls `generate` with the same requests (SPMD, `spmd = True`). On CPU, R = 1 keeps `uni` (the
+  configuration measured to work, shared/notes/vllm-on-cpu.md; there is no device to pick). The
+  rollout TP need not equal the actor's: weights arrive as full HF tensors and vLLM shards them.
 - Weights: `collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})` per bucket
   (vLLM's in-place reload, which also re-runs its kernel repacking, so it works on CPU where
   `load_weights` on the repacked model does not), then `reset_prefix_cache()` so no cached KV of
@@ -21,9 +29,10 @@ shared/notes/vllm-on-cpu.md): in-process engine core, KV-cache size, an explicit
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -44,14 +53,51 @@ def _set_cpu_environment(config: EngineConfig) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
-def _world_size() -> int:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+@dataclasses.dataclass(frozen=True)
+class VLLMLaunch:
+    """How one rank builds its engine: `vllm.LLM(**kwargs)`, on `device`, shared with `group_ranks`."""
+
+    kwargs: dict[str, Any]
+    device: str
+    """Where vLLM's worker runs: `cuda:<LOCAL_RANK>` on GPU, `cpu` on CPU."""
+    group_ranks: tuple[int, ...]
+    """Global ranks of this rank's rollout group (one engine, vLLM's TP group)."""
+
+
+def llm_arguments(config: EngineConfig, *, world_size: int, rank: int, local_rank: int, gpu: bool) -> VLLMLaunch:
+    """The `vllm.LLM` arguments of rank `rank`'s engine (see the module docstring's placement);
+    pure, so the placement is checked without vLLM or a GPU."""
+    tp = config.tensor_parallel_size
+    if world_size % tp:
+        raise UserError(f"engine.tensor_parallel_size ({tp}) must divide the world size {world_size}: "
+                        "an engine spans a block of that many consecutive ranks")
+    first = rank // tp * tp
+    # a lone process has no launcher; on CPU a TP-1 engine under torchrun keeps the measured `uni`
+    external = world_size > 1 and (gpu or tp > 1)
+    kwargs = dict(
+        model=config.model,
+        dtype=config.dtype,
+        seed=config.seed,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="external_launcher" if external else "uni",
+        max_num_seqs=config.max_num_seqs,
+        enforce_eager=not gpu,
+        logprobs_mode="processed_logprobs",
+        load_format="auto" if config.load_weights else "dummy",
+    )
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if gpu:
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = config.enable_sleep_mode
+    return VLLMLaunch(kwargs=kwargs, device=f"cuda:{local_rank}" if gpu else "cpu",
+                      group_ranks=tuple(range(first, first + tp)))
 
 
 class VLLMEngine(RolloutEngine):
     """Rollout engine on an in-process `vllm.LLM` (see the module docstring)."""
+
+    spmd = True  # every rank of a rollout group calls generate with the same requests
 
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -59,36 +105,21 @@ class VLLMEngine(RolloutEngine):
             _set_cpu_environment(config)
         else:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            # vLLM would create a world of tensor_parallel_size ranks itself (gloo: "rank < size")
+            raise RuntimeError("initialise torch.distributed (platform.init_distributed) before a vLLM engine "
+                               "under torchrun: vLLM lays its rollout groups out on that world")
+        if torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        launch = llm_arguments(config, world_size=world, rank=rank,
+                               local_rank=int(os.environ.get("LOCAL_RANK", "0")), gpu=platform.is_gpu())
+        if launch.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(launch.device))  # vLLM's worker takes the same index
         vllm = platform.import_vllm()
         self._vllm = vllm
-        world = _world_size()
-        tp = config.tensor_parallel_size
-        if tp == 1:
-            executor = "uni"
-        elif tp == world:
-            executor = "external_launcher"
-        else:
-            raise UserError(
-                f"engine.tensor_parallel_size={tp}: must be 1 (one engine per rank) or the torchrun "
-                f"world size {world} (one engine over all ranks)"
-            )
-        kwargs = dict(
-            model=config.model,
-            dtype=config.dtype,
-            seed=config.seed,
-            tensor_parallel_size=tp,
-            distributed_executor_backend=executor,
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=not platform.is_gpu(),
-            logprobs_mode="processed_logprobs",
-            load_format="auto" if config.load_weights else "dummy",
-        )
-        if config.max_model_len is not None:
-            kwargs["max_model_len"] = config.max_model_len
-        if platform.is_gpu():
-            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = config.enable_sleep_mode
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = vllm.LLM(**launch.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._asleep = False

@@ -19,10 +19,11 @@ Two entry points share one implementation:
 - `main(argv)`: the CLI, which loads a model into a fresh engine, reads the dataset, prints a
   table and writes the result JSON atomically.
 
-Under torchrun the prompts are split over ranks (`prompts[rank::world]`) and rank 0 gathers the
-grades; response j of prompt i is sampled with seed `seed + i * n + j`, so with the `hf` engine
-the numbers do not depend on the number of ranks. A vLLM engine sharded over all ranks
-(`--tensor-parallel-size WORLD`) instead sees every prompt on every rank, and rank 0 alone scores.
+Under torchrun the prompts are split over rollout groups (`rollout.placement`: with
+`--tensor-parallel-size R` a vLLM engine per R consecutive ranks, whose ranks all see the group's
+prompts and whose first rank scores them; otherwise one engine per rank, `prompts[rank::world]`)
+and rank 0 gathers the grades; response j of prompt i is sampled with seed `seed + i * n + j`, so
+with the `hf` engine the numbers do not depend on the number of ranks.
 Dataset reading and field lookup are `megatron_spo.rollout.estimate`'s, so `values estimate` and
 `eval` accept the same files.
 """
@@ -41,6 +42,7 @@ from megatron_spo import atomic
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.records import ANSWER_KEYS, PROMPT_KEYS, field, init_ranks, load_records, pick_field
 from megatron_spo.rollout.cli_options import add_generation_options
+from megatron_spo.rollout.placement import RolloutPlacement
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts
 from megatron_spo.rollout.rewards import RewardConfig, normalize_answer
 from megatron_spo.rollout.scoring import ScoringPool
@@ -134,16 +136,17 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     group=None,
-    split_over_ranks: bool = True,
+    rollout_tp: int = 1,
     default_source: str = "data",
 ) -> dict[str, Any]:
     """Generate n responses per record, grade them and return the metrics (rank 0; {} elsewhere).
 
-    `records` are the whole dataset on every rank. With `split_over_ranks` each rank generates
-    for `records[rank::world_size]` with its own engine; False means one engine sharded over the
-    ranks, which all see every prompt (rank 0 alone scores). `group` is the process group the
-    ranks are counted in (None: the default group). Pass a `pool` to reuse the caller's scoring
-    workers (it stays open); otherwise one is made from `reward` and closed here.
+    `records` are the whole dataset on every rank. The prompts are split over rollout groups of
+    `rollout_tp` consecutive ranks (`rollout.placement`; 1 = every rank its own engine), every
+    rank of a group sends its engine the same prompts and the group's leader scores them. `group`
+    is the process group of all `world_size` ranks (None: the default group). Pass a `pool` to
+    reuse the caller's scoring workers (it stays open); otherwise one is made from `reward` and
+    closed here.
 
     Returns {"num_prompts", "samples_per_prompt", "prompts_skipped_overlong", "overall":
     {"accuracy", "pass@k"..., "maj@k"...}, "by_<field>": {value: {"num_prompts", metrics...}},
@@ -161,8 +164,10 @@ def evaluate(
             raise UserError(f"{default_source}: record {i} has no {answer_field!r}")
 
     batch = build_prompts([field(r, prompt_field) for r in records], tokenizer, settings.prompt)
-    mine = batch.prompts[rank::world_size] if split_over_ranks else batch.prompts
-    scores_here = split_over_ranks or rank == 0
+    placement = RolloutPlacement.build(world_size, rollout_tp, spmd=getattr(engine, "spmd", False),
+                                       key="tensor_parallel_size")
+    mine = [batch.prompts[i] for i in placement.plan([None] * len(batch.prompts), rank).generate]
+    scores_here = rank == placement.leader(placement.group_of(rank))  # a group's ranks all hold its samples
     own_pool = pool is None and scores_here
     if own_pool:
         pool = ScoringPool(reward or RewardConfig())
@@ -195,9 +200,8 @@ def evaluate(
     parts = _gather_on_rank0((graded, reward_failures), rank, world_size, group)
     if rank != 0:
         return {}
-    if split_over_ranks:
-        graded = [g for part, _ in parts for g in part]
-        reward_failures = sum(failures for _, failures in parts)
+    graded = [g for part, _ in parts for g in part]
+    reward_failures = sum(failures for _, failures in parts)
     graded.sort(key=lambda g: g["index"])
     if not graded:
         raise UserError(f"{default_source}: every prompt is longer than prompt.max_prompt_tokens="
@@ -327,14 +331,15 @@ def main(argv: list[str]) -> int:
     if not records:
         raise UserError(f"--data: {args.data} holds no records")
     rank, world = init_ranks()
-    sharded = args.engine == "vllm" and args.tensor_parallel_size > 1
+    rollout_tp = args.tensor_parallel_size if args.engine == "vllm" else 1
+    RolloutPlacement.build(world, rollout_tp, key="--tensor-parallel-size")  # refuse a bad size before the engine
     engine = make_engine(engine_config)
     try:
         tokenizer = getattr(engine, "tokenizer", None)
         if tokenizer is None:
             raise UserError(f"--model: {args.model} has no tokenizer; prompts need one")
         result = evaluate(engine, tokenizer, records, settings, reward=reward, rank=rank, world_size=world,
-                          split_over_ranks=not sharded, default_source=args.data)
+                          rollout_tp=rollout_tp, default_source=args.data)
     finally:
         engine.shutdown()  # after the gather: vLLM's shutdown also tears down the default group
     if rank != 0:

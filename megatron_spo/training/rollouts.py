@@ -67,8 +67,10 @@ class Rollout:
     """Soft value of each sequence's prompt (soft_spo)."""
     episode_rewards: list[float] = dataclasses.field(default_factory=list)
     """Task rewards of complete responses, for reporting (tree: every leaf)."""
+    episode_index: list[int] = dataclasses.field(default_factory=list)
+    """Position of each episode's prompt in the step's global batch."""
     generated_tokens: int = 0
-    """Tokens the engine produced for this rank this step (continuations and tree nodes too)."""
+    """Tokens the engine produced for these sequences this step (continuations and tree nodes too)."""
     grader_failures: float = 0.0
 
     def add(self, index: int, prompt: Prompt, context: list[int], response: list[int], mask: list[int],
@@ -83,6 +85,45 @@ class Rollout:
 
     def __len__(self) -> int:
         return len(self.responses)
+
+    def split(self, positions: Sequence[int]) -> dict[int, Rollout]:
+        """One part per prompt position of `positions` (a position without sequences gets an
+        empty part), sequences in their order here. The counters (`generated_tokens`,
+        `grader_failures`) belong to the whole call that made them, not to one prompt: they ride
+        with the first position's part, so parts spread over ranks and summed count them once."""
+        if self.q0 is not None:
+            raise ValueError("split a rollout before q0 is attached")
+        parts = {p: Rollout(token_advantages=None if self.token_advantages is None else []) for p in positions}
+        for row, p in enumerate(self.prompt_index):
+            part = parts[p]
+            part.add(p, self.prompts[row], self.contexts[row], self.responses[row], self.masks[row],
+                     self.logprobs[row], self.rewards[row])
+            if self.token_advantages is not None:
+                part.token_advantages.append(list(self.token_advantages[row]))
+        for p, reward in zip(self.episode_index, self.episode_rewards):
+            parts[p].episode_rewards.append(reward)
+            parts[p].episode_index.append(p)
+        if positions:
+            first = parts[positions[0]]
+            first.generated_tokens, first.grader_failures = self.generated_tokens, self.grader_failures
+        return parts
+
+    @classmethod
+    def concat(cls, parts: Sequence[Rollout]) -> Rollout:
+        """The parts one after another (counters summed); the inverse of `split`."""
+        with_advantages = {part.token_advantages is not None for part in parts}
+        if len(with_advantages) > 1:
+            raise ValueError("cannot concatenate rollouts with and without token advantages")
+        out = cls(token_advantages=[] if with_advantages == {True} else None)
+        for part in parts:
+            for field in ("prompt_index", "prompts", "contexts", "responses", "masks", "logprobs", "rewards",
+                          "episode_rewards", "episode_index"):
+                getattr(out, field).extend(getattr(part, field))
+            if part.token_advantages is not None:
+                out.token_advantages.extend(part.token_advantages)
+            out.generated_tokens += part.generated_tokens
+            out.grader_failures += part.grader_failures
+        return out
 
 
 class PromptScorer:
@@ -157,6 +198,7 @@ def generate(engine, tokenizer, scorer: PromptScorer, batch: Sequence[Prompt], m
                         completion.logprobs, reward)
             rollout.generated_tokens += len(completion.token_ids)
     rollout.episode_rewards = list(rollout.rewards)
+    rollout.episode_index = list(rollout.prompt_index)
     rollout.grader_failures = scorer.failures
     return rollout
 
@@ -208,6 +250,7 @@ def tree_rollout(engine, pool, tokenizer, batch: Sequence[Prompt], mine: Sequenc
         node = stack.pop()
         if node.is_leaf:
             rollout.episode_rewards.append(node.reward)
+            rollout.episode_index.append(mine[node.prompt_index])
         stack.extend(node.children)
     rollout.generated_tokens = counting.tokens
     return rollout

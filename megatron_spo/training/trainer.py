@@ -16,9 +16,12 @@ One step, on every rank (SPMD under torchrun), reads as the algorithm does:
     -> spo: KL drift D of each prompt's previous response -> rho -> value-store update
     -> periodic evaluation -> checkpoint
 
-Prompts of a step are split over data-parallel ranks; each rank generates with its own engine.
-Sampling seeds derive from (seed, step, prompt position), so generation does not depend on how
-the batch is split, and a resumed run repeats an uninterrupted one exactly.
+Prompts of a step are split over data-parallel ranks (DP rank d trains on positions d, d + dp,
+...); each prompt is generated once, by one rollout group (an engine over
+`rollout.tensor_parallel_size` consecutive ranks), and its sequences are sent to every rank of the
+model replica that trains on it (`rollout.placement`). Sampling seeds derive from (seed, step,
+prompt position), so generation does not depend on how the batch is split, and a resumed run
+repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class Trainer:
             self.reference = ReferenceModel(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed, load=load_model)
         self.engine = parts.engine or make_engine(
             cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed, load_weights=False))
+        self.placement = self._rollout_placement()
         self.scorer = parts.scorer or ScoringPool(cfg.rollout.reward)
         self.store = self._build_value_store()
         self.sampling = self._sampling()
@@ -194,6 +198,20 @@ class Trainer:
                                 "(to estimate Q0 from reference samples) or a 'q0' value")
         return samples
 
+    def _rollout_placement(self):
+        """Rollout groups of `rollout.tensor_parallel_size` ranks (one engine each) and the actor
+        replicas they serve (`rollout.placement`), checked against Megatron's own rank layout."""
+        from megatron_spo.rollout.placement import RolloutPlacement
+
+        par = self.parallel
+        placement = RolloutPlacement.build(
+            par.world_size, self.config.rollout.tensor_parallel_size, tp=par.tp, pp=par.pp,
+            spmd=getattr(self.engine, "spmd", False), standalone=platform.simulation() is not None)
+        if placement.replicas[par.dp_rank][par.pp_rank * par.tp + par.tp_rank] != par.rank:
+            raise RuntimeError(f"rank {par.rank} (tp {par.tp_rank}, dp {par.dp_rank}, pp {par.pp_rank}) is not where "
+                               "rollout.placement expects Megatron's tp-dp-pp rank order to put it")
+        return placement
+
     def _build_value_store(self):
         from megatron_spo.value import ValueStore
 
@@ -252,13 +270,26 @@ class Trainer:
     def _seeds(self, count: int, salt: int = 0) -> list[int]:
         return [step_seed(self.config.seed + salt, self.step, i) for i in range(count)]
 
+    def _generation_plan(self, batch_size: int):
+        """This rank's part in generating the step's prompts: the DP rank d trains on positions
+        d, d + dp, ...; each is generated once, by one rollout group (`rollout.placement`)."""
+        return self.placement.plan([i % self.dp for i in range(batch_size)], self.parallel.rank)
+
+    def _exchange(self, held: dict, route) -> dict:
+        from megatron_spo.rollout.placement import exchange
+
+        return exchange(held, route, self.parallel.rank, self.parallel.host_group)
+
     def _build_rollout(self, batch: list[Prompt]) -> Rollout:
-        """This rank's sequences for the step (see `training.rollouts`)."""
+        """This DP rank's sequences for the step (see `training.rollouts`), identical on every
+        rank of its model replica: generated where `rollout.placement` puts each prompt, then
+        sent to the replica's ranks."""
         from megatron_spo.rollout.agent_loop import AgentLoopConfig
         from megatron_spo.training import rollouts
 
         cfg = self.config
-        mine = list(range(self.parallel.dp_rank, len(batch), self.dp))  # prompts of this DP rank
+        plan = self._generation_plan(len(batch))
+        mine = plan.generate  # the prompts this rank's engine generates (none off a group's leader, hf)
         seeds = self._seeds(len(batch))
         if self.algorithm == "spo_tree":
             rollout = rollouts.tree_rollout(self.engine, self.scorer, self.tokenizer, batch, mine,
@@ -272,11 +303,41 @@ class Trainer:
             scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [p.answer for p in batch])
             rollout = rollouts.generate(self.engine, self.tokenizer, scorer, batch, mine, n=self.n,
                                         sampling=self.sampling, seeds=seeds, agent_config=agent)
+        parts = self._exchange(rollout.split(mine), plan.results)
+        rollout = Rollout.concat([parts[i] for i in sorted(parts)])
         if self.algorithm == "soft_spo":
             # the training reward is shifted; episode_rewards (reported) keep the task's
             rollout.rewards = [r + cfg.algorithm.soft_spo.reward_offset for r in rollout.rewards]
             self._add_offpolicy(rollout, batch)
         return rollout
+
+    def _continue_chains(self, rollout: Rollout, batch_size: int, old_rows: list[list[float]],
+                         sequence_seeds: list[int]) -> None:
+        """spo_chain: per-token segment advantages of this DP rank's sequences from K continuations
+        at each cut point. The rollout group that generated a prompt's sequences continues them:
+        the replica first sends it the actor's old log-probs (and the sequences, which a group
+        outside the replica no longer holds), then it sends the advantages back."""
+        from megatron_spo.training.rollouts import attach_chain_advantages
+
+        plan = self._generation_plan(batch_size)
+        rows: dict[int, list[int]] = {}
+        for row, i in enumerate(rollout.prompt_index):
+            rows.setdefault(i, []).append(row)
+        held = {i: (part, [old_rows[r] for r in rows.get(i, [])], [sequence_seeds[r] for r in rows.get(i, [])])
+                for i, part in rollout.split(plan.results.wanted_by(self.parallel.rank)).items()}
+        inputs = self._exchange(held, plan.inputs)  # the positions this rank's engine continues
+        work = Rollout.concat([inputs[i][0] for i in plan.generate])
+        work.generated_tokens, work.grader_failures, work.token_advantages = 0, 0.0, []
+        if len(work):
+            attach_chain_advantages(work, self.engine, self.scorer, self.tokenizer, self.config.algorithm.spo_chain,
+                                    [lp for i in plan.generate for lp in inputs[i][1]],
+                                    [seed for i in plan.generate for seed in inputs[i][2]])
+        done = {i: (part.token_advantages, part.generated_tokens, part.grader_failures)
+                for i, part in work.split(plan.generate).items()}
+        results = self._exchange(done, plan.results)
+        rollout.token_advantages = [adv for i in sorted(results) for adv in results[i][0]]
+        rollout.generated_tokens += sum(tokens for _, tokens, _ in results.values())
+        rollout.grader_failures += sum(failures for _, _, failures in results.values())
 
     # ------------------------------------------------------------------ soft-SPO sources and Q0
 
@@ -315,7 +376,7 @@ class Trainer:
     def _fill_q0(self, batch: list[Prompt]) -> None:
         """soft_spo: Q0 of the step's prompts not seen before, from samples of the reference
         (loaded into the engine for this; the caller syncs the actor back). Computed once per
-        prompt (the reference is frozen), split over DP ranks, shared by all."""
+        prompt (the reference is frozen), split over the rollout groups, shared by all ranks."""
         from megatron_spo.rollout.weight_sync import sync_weights
         from megatron_spo.training import rollouts
         from megatron_spo.training.algorithms.soft_spo import estimate_prompt_q0
@@ -336,19 +397,19 @@ class Trainer:
             return
         keys = sorted(needed)
         sync_weights(self.engine, self.reference.export_hf(), self.config.rollout.weight_sync)
-        mine = keys[self.parallel.dp_rank :: self.dp]
+        plan = self.placement.plan([None] * len(keys), self.parallel.rank)  # every rank needs every Q0
+        mine = [keys[i] for i in plan.generate]
         scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [needed[k][1] for k in mine],
                                        offset=soft.reward_offset)
         seeds = [step_seed(self.config.seed + 17, 0, k % (2**31 - 1)) for k in mine]
         counting = rollouts.CountingEngine(self.engine)
         values = estimate_prompt_q0([needed[k][0] for k in mine], counting, scorer, soft, prompt_seeds=seeds)
-        self.reference_tokens += int(self._reduce_sum(torch.tensor([float(counting.tokens)]))[0].item())
-        found = dict(zip(mine, values))
-        if self.dp > 1:
-            gathered = [None] * self.dp
-            torch.distributed.all_gather_object(gathered, found, group=self.parallel.host_dp_group)
-            found = {k: v for part in gathered for k, v in part.items()}
-        self.q0.update(found)
+        # the tokens of the whole call ride with its first prompt, so they are counted once
+        found = {i: (value, counting.tokens if j == 0 else 0)
+                 for j, (i, value) in enumerate(zip(plan.generate, values))}
+        found = self._exchange(found, plan.results)
+        self.q0.update({keys[i]: value for i, (value, _) in found.items()})
+        self.reference_tokens += sum(tokens for _, tokens in found.values())
 
     # ------------------------------------------------------------------ tensors
 
@@ -416,8 +477,6 @@ class Trainer:
                                    and cfg.batch.train_batch_size == cfg.batch.mini_batch_size)
         old = None if on_policy_single_update else self._logprobs(self.actor, seq)
         if self.algorithm == "spo_chain":
-            from megatron_spo.training.rollouts import attach_chain_advantages
-
             old_rows = [old[i, len(c) - 1 : len(c) - 1 + len(r)].tolist()
                         for i, (c, r) in enumerate(zip(rollout.contexts, rollout.responses))]
             # continuations of the n responses to one prompt must differ: seed by sequence, not prompt
@@ -427,8 +486,7 @@ class Trainer:
             for i in rollout.prompt_index:  # the j-th response to prompt i takes seed i * n + j
                 sequence_seeds.append(seeds[i * self.n + nth.get(i, 0)])
                 nth[i] = nth.get(i, 0) + 1
-            attach_chain_advantages(rollout, self.engine, self.scorer, self.tokenizer, cfg.algorithm.spo_chain,
-                                    old_rows, sequence_seeds)
+            self._continue_chains(rollout, len(batch), old_rows, sequence_seeds)
         gen_seconds = time.perf_counter() - t_gen
         ref = self._logprobs(self.reference, seq) if self.reference is not None else None
 
@@ -633,7 +691,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy, pass@k and maj@k of the current policy (generation split over DP)."""
+        """Held-out accuracy, pass@k and maj@k of the current policy (generation split over the
+        rollout groups, as in training)."""
         from megatron_spo.rollout.records import load_records
         from megatron_spo.rollout.weight_sync import sync_weights
         from megatron_spo.training.eval_cli import EvalSettings, evaluate
@@ -651,8 +710,12 @@ class Trainer:
             prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key, prompt=cfg.data.prompt,
         )
         result = evaluate(self.engine, self.tokenizer, self._eval_records, settings, pool=self.scorer,
-                          rank=par.dp_rank, world_size=self.dp, group=par.host_dp_group if self.dp > 1 else None)
-        return {f"eval/{k}": float(v) for k, v in result.get("overall", {}).items()}
+                          rank=par.rank, world_size=par.world_size, group=par.host_group,
+                          rollout_tp=cfg.rollout.tensor_parallel_size)
+        metrics = [{f"eval/{k}": float(v) for k, v in result.get("overall", {}).items()}]
+        if par.world_size > 1:  # rank 0 gathered the grades; every rank reports the same metrics
+            torch.distributed.broadcast_object_list(metrics, src=0, group=par.host_group)
+        return metrics[0]
 
     # ------------------------------------------------------------------ checkpoints
 
