@@ -161,7 +161,7 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
     with audit:
         parts = TrainerParts(tokenizer=substitutes.SilentTokenizer(), prompts=_worst_prompts(cfg, dp_rank, dp),
                              load_model=substitutes.shapes_only_loader(cfg.model.hf_dir), engine=engine,
-                             scorer=substitutes.AlternatingScorer())
+                             scorer=substitutes.AlternatingScorer(), rollout_standalone=True)
         trainer = Trainer(cfg, parts=parts)
         par = trainer.parallel
         assert (par.rank, par.dp_rank) == (rank, dp_rank), (par.rank, par.dp_rank, rank, dp_rank)

@@ -84,6 +84,9 @@ class TrainerParts:
     """(path, parallel, dtype=, seed=) -> (spec, chunks, bridge); default `load_pretrained`."""
     engine: Any = None
     scorer: Any = None
+    rollout_standalone: bool = False
+    """No peer ranks exist (the dry run's simulated rank): this rank generates everything its
+    replica trains on itself, and no rollout results are exchanged."""
 
 
 class Trainer:
@@ -95,7 +98,7 @@ class Trainer:
         from megatron_spo.rollout.scoring import ScoringPool
         from megatron_spo.training.actor import Actor, OptimizerSettings
 
-        parts = parts or TrainerParts()
+        self._parts = parts = parts or TrainerParts()
         self.config = cfg = config
         self.algorithm = cfg.algorithm.name
         self.dp = cfg.check_world_size(platform.launch_world_size())
@@ -206,7 +209,7 @@ class Trainer:
         par = self.parallel
         placement = RolloutPlacement.build(
             par.world_size, self.config.rollout.tensor_parallel_size, tp=par.tp, pp=par.pp,
-            spmd=getattr(self.engine, "spmd", False), standalone=platform.simulation() is not None)
+            spmd=getattr(self.engine, "spmd", False), standalone=self._parts.rollout_standalone)
         if placement.replicas[par.dp_rank][par.pp_rank * par.tp + par.tp_rank] != par.rank:
             raise RuntimeError(f"rank {par.rank} (tp {par.tp_rank}, dp {par.dp_rank}, pp {par.pp_rank}) is not where "
                                "rollout.placement expects Megatron's tp-dp-pp rank order to put it")
