@@ -607,6 +607,7 @@ def _install_compat(target: str) -> None:
         LanguageModule.setup_embeddings_and_output_layer, target
     )
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    _install_optimizer_compat(target)
     _COMPAT_INSTALLED = target
 
 
@@ -615,7 +616,6 @@ def install_cpu_compat() -> None:
     if _SIMULATION is not None or _cuda_usable():
         return
     _install_compat("cpu")
-    _install_optimizer_compat("cpu")
 
 
 # ----------------------------------------------------------------------------- optimizers on CPU
@@ -672,32 +672,6 @@ def enter_simulation(sim: Simulation) -> None:
     torch.cuda.set_device = lambda dev: None  # type: ignore[assignment]
     torch.cuda.device_count = lambda: sim.gpus_per_node  # type: ignore[assignment]
     _install_compat("meta")
-    # the distributed optimizer accepts parameters by their CUDA type name
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    DistributedOptimizer.__init__ = _with_meta_typed_as_cuda(DistributedOptimizer.__init__)
-
-
-def _with_meta_typed_as_cuda(method):
-    """Wrap a Megatron method that checks `tensor.type()` for CUDA names: meta tensors answer
-    with the CUDA type of their dtype ("torch.meta.BFloat16Tensor" -> "torch.cuda.BFloat16Tensor")."""
-
-    def wrapped(*args, **kwargs):
-        original = torch.Tensor.type
-
-        def cuda_type(self, *a, **k):
-            name = original(self, *a, **k)
-            if not a and not k and isinstance(name, str) and name.startswith("torch.meta."):
-                return "torch.cuda." + name.removeprefix("torch.meta.")
-            return name
-
-        torch.Tensor.type = cuda_type  # type: ignore[method-assign]
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.Tensor.type = original  # type: ignore[method-assign]
-
-    return wrapped
 
 
 # ----------------------------------------------------------------------------- optional GPU imports

@@ -25,33 +25,42 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 
-def params_per_tp_rank(cfg: dict, tp: int) -> int:
-    """Parameters one TP rank holds (PP = 1), from the HF config alone."""
+def params_per_tp_rank(cfg: dict, tp: int) -> tuple[list[int], list[int]]:
+    """Element counts of the (matrices, norm vectors) one TP rank holds (PP = 1), from the HF
+    config alone."""
     h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // heads
-    per_layer = (heads + 2 * kv) * hd * h // tp + h * heads * hd // tp + 3 * f * h // tp + 2 * h
-    if cfg.get("model_type") == "qwen3":
-        per_layer += 2 * hd  # q_norm, k_norm
-    embeddings = (1 if cfg.get("tie_word_embeddings") else 2) * cfg["vocab_size"] * h // tp
-    return layers * per_layer + embeddings + h
-
-
-def megatron_padding_bound(cfg: dict, dp: int) -> int:
-    """Most elements Megatron's distributed-optimizer buffer adds: each parameter starts 64-aligned,
-    the bucket ends on a multiple of lcm(dp, 128)."""
-    n_params = 3 + cfg["num_hidden_layers"] * (6 + (2 if cfg.get("model_type") == "qwen3" else 0))
-    return 64 * n_params + math.lcm(dp, 128)
+    matrices = [(heads + 2 * kv) * hd * h // tp, h * heads * hd // tp, 2 * f * h // tp, f * h // tp] * layers
+    matrices += [cfg["vocab_size"] * h // tp] * (1 if cfg.get("tie_word_embeddings") else 2)
+    norms = ([h, h] + ([hd, hd] if cfg.get("model_type") == "qwen3" else [])) * layers + [h]
+    return matrices, norms
 
 
 def check_closed_form(role: dict, cfg: dict, tp: int, dp: int) -> None:
-    n = params_per_tp_rank(cfg, tp)
-    pad = megatron_padding_bound(cfg, dp)
-    assert role["param_numel"] == n
-    assert 2 * n <= role["param_bytes"] <= 2 * (n + pad)  # bf16, in DDP's padded buffer
-    assert 4 * n <= role["grad_bytes"] <= 4 * (n + pad)  # fp32 gradient buffer
-    # distributed optimizer: fp32 master + two Adam moments of this rank's 1/dp of the buffer
-    assert abs(role["optimizer_bytes"] - 12 * n / dp) <= 12 * pad
+    """Parameter, gradient and optimizer bytes of a role against their closed form.
+
+    The model is bf16 except its norm weights, which the torch-native layer spec keeps in fp32
+    (Transformer Engine's would not): Megatron's DDP makes one buffer per parameter dtype (one
+    bucket each: overlap_grad_reduce is off), starts each parameter on a multiple of 64 elements
+    and pads the end to a multiple of lcm(dp, 128). With every parameter a multiple of 64 elements
+    (true of both configs tested) a buffer's N real elements sit at [0, N) of P = ceil(N / L) L,
+    and DP rank r's optimizer owns [r P / dp, (r + 1) P / dp) of it: fp32 master + two Adam
+    moments (12 bytes) for bf16 parameters; the moments only (8 bytes) for fp32 ones, whose
+    master weights are the parameters themselves."""
+    matrices, norms = params_per_tp_rank(cfg, tp)
+    assert all(n % 64 == 0 for n in matrices + norms)
+    align = math.lcm(dp, 128)
+    param_bytes = grad_bytes = optimizer_bytes = 0
+    for sizes, width, state in ((matrices, 2, 12), (norms, 4, 8)):
+        n = sum(sizes)
+        padded = -(-n // align) * align
+        shard = padded // dp
+        param_bytes += width * padded
+        grad_bytes += 4 * padded  # fp32 gradient buffers
+        optimizer_bytes += state * min(max(n - role["dp_rank"] * shard, 0), shard)
+    assert role["param_numel"] == sum(matrices + norms)
+    assert (role["param_bytes"], role["grad_bytes"], role["optimizer_bytes"]) == (param_bytes, grad_bytes, optimizer_bytes)
 
 
 def run(args: list[str], *, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -66,7 +75,7 @@ def tiny(tmp_path):
     from tiny_models import tiny_config
 
     model = tmp_path / "model"
-    hf_config = tiny_config("qwen3")
+    hf_config = tiny_config("qwen3", hidden_size=128, intermediate_size=256, head_dim=64)
     hf_config.architectures = ["Qwen3ForCausalLM"]
     hf_config.save_pretrained(model)  # config.json only: no weights, no tokenizer
     data = tmp_path / "train.jsonl"
