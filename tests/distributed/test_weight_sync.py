@@ -74,8 +74,15 @@ def sync_from_actor(rank, world_size, engine_dir, actor_dir, engine_name, layout
         # small bridge buckets (several per layer) under larger sync buckets: a sync bucket
         # holds tensors from several bridge buckets
         stream = bridge.export_hf(chunks, bucket_bytes=32 * 1024)
+        reloads = []
+        if hasattr(engine, "llm"):  # vLLM: count engine-side reloads
+            rpc = engine.llm.collective_rpc
+            engine.llm.collective_rpc = lambda method, *a, _rpc=rpc, **k: (reloads.append(method), _rpc(method, *a, **k))[1]
         stats = sync_weights(engine, stream, WeightSyncConfig(bucket_mb=0.15))
-        results[(tp, pp)] = {"before": before, "after": greedy(engine), "buckets": stats.buckets, "bytes": stats.bytes}
+        if hasattr(engine, "llm"):
+            engine.llm.collective_rpc = rpc
+        results[(tp, pp)] = {"before": before, "after": greedy(engine), "buckets": stats.buckets, "bytes": stats.bytes,
+                             "reloads": reloads}
         # back to the engine's original weights for the next layout
         engine.update_weights(safetensors.torch.load_file(f"{engine_dir}/model.safetensors").items())
     engine.shutdown()

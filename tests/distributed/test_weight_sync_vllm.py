@@ -23,3 +23,4 @@ def test_tp2_and_pp2_actor_sync_into_vllm(spawn, tmp_path, rollout_tp):
         for layout, result in per_layout.items():
             assert result["before"] != expected, (rank, layout)
             assert result["after"] == expected, (rank, layout)
+            assert result["buckets"] > 1 and result["reloads"] == ["reload_weights"]  # one reload per sync

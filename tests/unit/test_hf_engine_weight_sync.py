@@ -1,4 +1,5 @@
-"""Weight sync buckets: cut only between decoder layers, bounded in size, pulled lazily."""
+"""Weight sync: one engine call per sync, streaming buckets cut only between decoder layers,
+bounded in size, pulled lazily."""
 
 from __future__ import annotations
 
@@ -41,17 +42,20 @@ def test_buckets_never_split_a_layer_and_respect_the_size():
 
 
 class RecordingEngine:
-    """Records, at each update, how many tensors the stream had produced so far."""
+    """Consumes the sync's stream, recording at each tensor how many the source had produced."""
 
     def __init__(self, produced):
         self.produced = produced
-        self.calls = []
+        self.calls = 0
+        self.seen = []  # (tensors consumed so far, tensors produced by the source then)
 
     def update_weights(self, named_tensors):
-        self.calls.append((len(named_tensors), self.produced[0]))
+        self.calls += 1
+        for _ in named_tensors:
+            self.seen.append((len(self.seen) + 1, self.produced[0]))
 
 
-def test_sync_pulls_the_stream_lazily_and_reports_bytes():
+def test_one_engine_call_per_sync_pulls_the_stream_lazily_and_reports_bytes():
     produced = [0]
 
     def counting_stream():
@@ -61,13 +65,12 @@ def test_sync_pulls_the_stream_lazily_and_reports_bytes():
 
     engine = RecordingEngine(produced)
     stats = sync_weights(engine, counting_stream(), WeightSyncConfig(bucket_mb=0.009))
-    pushed = 0
-    for size, produced_then in engine.calls:
-        pushed += size
-        # pulled beyond what this call pushes: at most the next layer and the tensor that
-        # showed the layer had ended
-        assert produced_then - pushed <= len(LAYER_TENSORS) + 1
-    assert stats.tensors == pushed == 1 + 6 * 4 + 1
+    assert engine.calls == 1  # one engine-side reload per sync, whatever the bucket count
+    for consumed, produced_then in engine.seen:
+        # pulled ahead of the engine: at most one bucket (9 tensors of 1 kB), the next layer and
+        # the tensor that showed the layer had ended
+        assert produced_then - consumed <= 9 + len(LAYER_TENSORS) + 1
+    assert stats.tensors == len(engine.seen) == 1 + 6 * 4 + 1
     assert stats.bytes == stats.tensors * 1000
-    assert stats.buckets == len(engine.calls) == 3  # 1 + 4*6 + 1 kB in two-layer buckets
+    assert stats.buckets == 3  # 1 + 4*6 + 1 kB in two-layer buckets
     assert stats.max_bucket_bytes <= 9000
