@@ -597,6 +597,10 @@ def _install_compat(target: str) -> None:
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     tp_random.initialize_rng_tracker = lambda *args, **kwargs: None
     assert tensor_parallel.get_cuda_rng_tracker() is tracker
+    # activation recompute saves and restores "the CUDA generator" around each recomputed layer:
+    # here that generator is the CPU one, which recompute saves and restores on its own already
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
     device_torch = _TorchOnDevice(target)
     for module in (schedules, clip_grads, p2p_communication, optimizer, grad_scaler, mcore_utils):

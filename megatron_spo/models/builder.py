@@ -46,9 +46,11 @@ def llama3_inv_freq(
 
 
 def transformer_config(
-    spec: ModelSpec, parallel: platform.ParallelContext, *, dtype: torch.dtype = torch.float32
+    spec: ModelSpec, parallel: platform.ParallelContext, *, dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
 ):
-    """Megatron `TransformerConfig` for this model and parallel layout."""
+    """Megatron `TransformerConfig` for this model and parallel layout (`recompute`: "none" or
+    "full", see `ParallelConfig.recompute`)."""
     from megatron.core.transformer import TransformerConfig
 
     settings = dict(
@@ -79,6 +81,10 @@ def transformer_config(
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # unused (dense model); "allgather" refuses the above
     )
+    if recompute == "full":
+        settings.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute != "none":
+        raise ValueError(f"recompute must be 'none' or 'full', got {recompute!r}")
     settings.update(platform.model_parallel_overrides())
     return TransformerConfig(**settings)
 
@@ -89,6 +95,7 @@ def build_model(
     *,
     dtype: torch.dtype = torch.float32,
     seed: int = 1234,
+    recompute: str = "none",
 ) -> list:
     """The GPTModel chunks this rank holds (one per virtual pipeline stage).
 
@@ -100,7 +107,7 @@ def build_model(
 
     spec.check_parallel(parallel.tp, parallel.pp, parallel.vpp)
     platform.seed_everything(seed, tp_rank=parallel.tp_rank, pp_rank=parallel.pp_rank)
-    config = transformer_config(spec, parallel, dtype=dtype)
+    config = transformer_config(spec, parallel, dtype=dtype, recompute=recompute)
     layer_spec = platform.gpt_layer_spec(qk_layernorm=spec.qk_norm)
     chunks = []
     for vp_stage in range(parallel.vpp or 1):

@@ -81,7 +81,7 @@ class TrainerParts:
     tokenizer: Any = None
     prompts: list[Prompt] | None = None
     load_model: Callable | None = None
-    """(path, parallel, dtype=, seed=) -> (spec, chunks, bridge); default `load_pretrained`."""
+    """(path, parallel, dtype=, seed=[, recompute=]) -> (spec, chunks, bridge); default `load_pretrained`."""
     engine: Any = None
     scorer: Any = None
     rollout_standalone: bool = False
@@ -117,7 +117,8 @@ class Trainer:
             self.prompts, skipped = load_prompts(cfg.data.train_files, cfg.data.prompt_key, cfg.data.answer_key,
                                                  self.tokenizer, cfg.data.prompt)
         self.prompts_skipped = skipped
-        spec, chunks, bridge = load_model(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed)
+        spec, chunks, bridge = load_model(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed,
+                                          recompute=cfg.parallel.recompute)
         o = cfg.optimizer
         self.actor = Actor(spec, chunks, bridge, par, OptimizerSettings(
             lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay, adam_beta1=o.betas[0],

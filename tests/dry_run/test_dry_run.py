@@ -201,7 +201,7 @@ def test_qwen3_8b_recipe_dry_run(tmp_path):
     ("spo_chain", ["algorithm.spo_chain.max_response_tokens=48"]),
     ("spo_tree", ["algorithm.spo_tree.branching_factors=[2,2]", "algorithm.spo_tree.segment_tokens=16",
                   "algorithm.spo_tree.max_response_tokens=48"]),
-    ("soft_spo", []),
+    ("soft_spo", ["parallel.recompute=full"]),
 ])
 def test_every_algorithm_passes_the_dry_run(tiny, tmp_path, algorithm, extra):
     config, _ = tiny
