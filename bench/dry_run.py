@@ -40,7 +40,8 @@ VERL = [
      "none yet (GPU readiness II)"),
     ("engine memory", "gpu_memory_utilization 0.6 (7B), 0.7 (VL-8B); vLLM sleep level 2 + wake_up(weights) then "
      "wake_up(kv_cache) around the sync", "0.5, never put to sleep"),
-    ("activation recompute", "full / uniform / 1 layer where long sequences are trained (VL-8B, LoRA)", "none"),
+    ("activation recompute", "full / uniform / 1 layer where long sequences are trained (VL-8B, LoRA)",
+     "full / uniform / 1 layer (parallel.recompute: full)"),
     ("token budget per GPU", "ppo_max_token_len_per_gpu 12000 (7B), 4096 (VL-8B); prompt 1024 + response 1024-2048",
      "18,432 (prompt 2,048 + response 16,384)"),
 ]
