@@ -139,7 +139,7 @@ class MemoryPlan:
         if worst is None or worst[0] <= self.budget_gib * GIB:
             return None
         value, phase, largest, rank = worst
-        return (f"phase '{phase}' on rank {rank} needs {value / GIB:.1f} GiB > {self.budget_gib:g} GiB "
+        return (f"phase '{phase}' on rank {rank} needs {_gib(value)} GiB > {self.budget_gib:g} GiB "
                 f"(dry_run.gpu_memory_gib); largest item: {largest}")
 
 
@@ -150,4 +150,10 @@ def _resident(items: dict[str, float]) -> dict[str, float]:
 
 def _largest(items: dict[str, float]) -> str:
     name, value = max(items.items(), key=lambda kv: kv[1])
-    return f"{name} ({value / GIB:.1f} GiB)"
+    return f"{name} ({_gib(value)} GiB)"
+
+
+def _gib(nbytes: float) -> str:
+    """Bytes as GiB, one decimal, or two significant digits below 0.1 GiB (tiny models)."""
+    gib = nbytes / GIB
+    return f"{gib:.1f}" if gib >= 0.1 else f"{gib:.2g}"

@@ -118,8 +118,10 @@ def test_over_budget_fails_with_one_line_when_fit_is_required(tiny, tmp_path):
                 "dry_run.gpu_memory_gib=0.001", "dry_run.require_fit=true"])
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert re.search(r"phase '(rollout|training)' on rank \d+ needs .* GiB > 0.001 GiB \(dry_run.gpu_memory_gib\); "
-                     r"largest item: rollout engine", last), last
+    match = re.search(r"phase '(rollout|training)' on rank \d+ needs ([\d.e-]+) GiB > 0.001 GiB "
+                      r"\(dry_run.gpu_memory_gib\); largest item: (.+) \(([\d.e-]+) GiB\)$", last)
+    assert match, last
+    assert float(match[2]) > 0.001 and 0 < float(match[4]) <= float(match[2])
 
 
 PLANTS = {
