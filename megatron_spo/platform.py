@@ -557,18 +557,24 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
             grad.detach().mul_(clip_coeff)
 
 
-def _with_tensor_cuda_as(method, target: str):
-    """Wrap a Megatron method that calls `tensor.cuda()` so that the call moves to `target`."""
+def _with_tensor_method(method, attr: str, make_replacement):
+    """Wrap a Megatron method so that, while it runs, `torch.Tensor.<attr>` is
+    `make_replacement(original)` (restored afterwards, also on error)."""
 
     def wrapped(*args, **kwargs):
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self.to(target)  # type: ignore[method-assign]
+        original = getattr(torch.Tensor, attr)
+        setattr(torch.Tensor, attr, make_replacement(original))
         try:
             return method(*args, **kwargs)
         finally:
-            torch.Tensor.cuda = original  # type: ignore[method-assign]
+            setattr(torch.Tensor, attr, original)
 
     return wrapped
+
+
+def _with_tensor_cuda_as(method, target: str):
+    """Wrap a Megatron method that calls `tensor.cuda()` so that the call moves to `target`."""
+    return _with_tensor_method(method, "cuda", lambda original: lambda self, *a, **k: self.to(target))
 
 
 _COMPAT_INSTALLED: str | None = None
@@ -629,21 +635,15 @@ def _with_tensor_type_as_cuda(method, target: str):
     """Wrap a Megatron method that sorts tensors by `tensor.type()` against CUDA type names so
     that, inside it, a tensor on `target` reports the CUDA name of its dtype."""
 
-    def wrapped(*args, **kwargs):
-        original = torch.Tensor.type
-
+    def make_replacement(original):
         def type_as_cuda(self, dtype=None, non_blocking=False, **more):
             if dtype is None and not more and self.device.type == target:
                 return "torch.cuda." + original(self).rsplit(".", 1)[-1]  # torch.FloatTensor -> torch.cuda.FloatTensor
             return original(self) if dtype is None else original(self, dtype, non_blocking, **more)
 
-        torch.Tensor.type = type_as_cuda  # type: ignore[method-assign]
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.Tensor.type = original  # type: ignore[method-assign]
+        return type_as_cuda
 
-    return wrapped
+    return _with_tensor_method(method, "type", make_replacement)
 
 
 _OPTIMIZER_COMPAT_INSTALLED: str | None = None
