@@ -66,17 +66,8 @@ class Simulation:
     rank: int
     gpus_per_node: int
 
-    @property
-    def local_rank(self) -> int:
-        return self.rank % self.gpus_per_node
-
 
 _SIMULATION: Simulation | None = None
-
-
-def simulation() -> Simulation | None:
-    """The simulated cluster rank when this process is a dry run, else None."""
-    return _SIMULATION
 
 
 @lru_cache(maxsize=None)

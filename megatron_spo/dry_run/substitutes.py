@@ -10,6 +10,7 @@ every reward-dependent path run. None of them needs the model's weights, tokeniz
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -19,9 +20,11 @@ import torch
 from megatron_spo.rollout.types import Completion, GenerationRequest, GenerationResult, RolloutEngine
 
 
-def hf_shapes(model_dir: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+@functools.lru_cache(maxsize=None)
+def hf_shapes(model_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """HF tensor name -> (shape, dtype) of the checkpoint that `model_dir/config.json` describes,
-    from transformers' own model class instantiated on the meta device (no weights)."""
+    from transformers' own model class instantiated on the meta device (no weights). Cached: the
+    loader and the plan's engine size both ask; callers must not change the dict."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir))
@@ -73,7 +76,7 @@ def shapes_only_loader(model_dir: str | Path):
         spec.check_parallel(parallel.tp, parallel.pp, parallel.vpp)
         bridge = WeightBridge(spec, parallel)
         chunks = build_model(spec, parallel, dtype=dtype, seed=seed, recompute=recompute)
-        reader = ShapeReader({k: (s, dtype) for k, (s, _) in hf_shapes(model_dir).items()})
+        reader = ShapeReader({k: (s, dtype) for k, (s, _) in hf_shapes(str(model_dir)).items()})
         with torch.no_grad():
             bridge.load_hf(chunks, model_dir, reader=reader)
         return spec, chunks, bridge
@@ -91,7 +94,6 @@ class WorstCaseEngine(RolloutEngine):
         self.max_model_len = max_model_len
         self.synced_bytes = 0
         self.synced_tensors = 0
-        self.largest_tensor_bytes = 0
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         results = []
@@ -109,10 +111,8 @@ class WorstCaseEngine(RolloutEngine):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         for _, tensor in named_tensors:
-            nbytes = tensor.numel() * tensor.element_size()
-            self.synced_bytes += nbytes
+            self.synced_bytes += tensor.numel() * tensor.element_size()
             self.synced_tensors += 1
-            self.largest_tensor_bytes = max(self.largest_tensor_bytes, nbytes)
 
     def shutdown(self) -> None:
         pass
