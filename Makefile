@@ -11,7 +11,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
 VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
 
-.PHONY: install install-vllm test test-vllm test-fast demo dry-run bench-trl clean
+.PHONY: install install-vllm test test-vllm test-gpu test-fast demo dry-run bench-trl clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: install
 
 test-vllm: install-vllm
 	OMP_NUM_THREADS=2 $(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TEST_FILES)
+
+# the GPU smoke suite (tests/gpu): skipped without CUDA; on a GPU node install the CUDA torch first
+test-gpu: install
+	$(PYTHON) -m pytest -q -s tests/gpu
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not distributed"

@@ -99,6 +99,15 @@ def launch_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def local_rank_slots() -> int | None:
+    """Ranks one node can host: one per visible GPU; None (no limit) on a CPU-only machine."""
+    if _SIMULATION is not None:
+        return _SIMULATION.gpus_per_node
+    if _cuda_usable():
+        return torch.cuda.device_count()
+    return None
+
+
 def host_device() -> torch.device:
     """Where host-side tensors live (rollout records, metric sums, value-store arrays)."""
     return torch.device("cpu")

@@ -135,6 +135,13 @@ def build_model(
                 spec.rope_theta,
                 **{k: v for k, v in spec.rope_params},
             ).to(model.rotary_pos_emb.inv_freq.device)
+        # the local spec's norms are torch modules created in fp32; every weight takes the model's
+        # dtype, as under Megatron's Float16Module and the TE spec. A bf16 model with fp32 norms
+        # also breaks megatron-core 0.16.1's distributed-optimizer checkpoint: one param group
+        # holding both dtypes maps a parameter to another one's Adam state.
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
         model.to(platform.device())
         chunks.append(model)
     return chunks

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_spo import atomic
+from megatron_spo import atomic, platform
 from megatron_spo.errors import UserError
 
 
@@ -103,7 +103,9 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     _run([sys.executable, "-m", "megatron_spo", "values", "merge", "--input-dir", str(out_dir / "offline"),
           "--output-file", str(offline_file), "--pattern", "estimate_*/validation_data/*.jsonl"], logs / "merge.log", env)
 
-    print(f"[5/6] SPO training ({settings.rl_steps} steps, torchrun x{settings.nproc})", flush=True)
+    slots = platform.local_rank_slots()  # one rank per GPU: a one-GPU box trains on one rank
+    nproc = settings.nproc if slots is None else max(1, min(settings.nproc, slots))
+    print(f"[5/6] SPO training ({settings.rl_steps} steps, torchrun x{nproc})", flush=True)
     run_dir = out_dir / "run"
     config = {
         "model": {"hf_dir": str(sft_dir)},
@@ -123,7 +125,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
 
     config_path = out_dir / "spo.yaml"
     atomic.write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(settings.nproc),
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
           "-m", "megatron_spo", "train", "--config", str(config_path), "checkpoint.resume=never"],
          logs / "train.log", env)
 

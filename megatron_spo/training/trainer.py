@@ -225,11 +225,9 @@ class Trainer:
         if cfg.algorithm.name != "spo":
             return None
         if cfg.spo.offline_values:
-            store = ValueStore.from_offline_values(cfg.spo.offline_values, cfg.spo, dataset_prompts=[p.raw for p in self.prompts], group=group)
-            if self.is_main:
-                print(f"value store: {store.num_prompts} prompts, {store.num_missing} missing from "
-                      f"{cfg.spo.offline_values} (policy: {cfg.spo.missing})", flush=True)
-            return store
+            # from_offline_values prints what it matched, what it filled with the prior, what it dropped
+            return ValueStore.from_offline_values(cfg.spo.offline_values, cfg.spo,
+                                                  dataset_prompts=[p.raw for p in self.prompts], group=group)
         return ValueStore.from_keys(keys, cfg.spo, group=group)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
