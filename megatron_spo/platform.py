@@ -113,6 +113,54 @@ def host_device() -> torch.device:
     return torch.device("cpu")
 
 
+def release_cached_memory() -> None:
+    """Return the caching allocator's free blocks to the device, so another allocator (vLLM's
+    sleep-mode pool) can take them; nothing to do on a CPU or a simulated GPU."""
+    if _SIMULATION is None and _cuda_usable():
+        torch.cuda.empty_cache()
+
+
+def offload_storage(storage: torch.UntypedStorage, *, keep: bool) -> torch.Tensor | None:
+    """Free an accelerator storage in place (its tensors and views stay valid objects of size
+    zero until `restore_storage`). keep=True returns a host copy of its bytes (pinned on a GPU,
+    so the copy back runs at full bandwidth); keep=False drops them (gradient buffers).
+
+    On a simulated GPU the host copy is a zero-strided stand-in (no host memory: a dry run of a
+    large model could not hold it) and the audit is told the storage shrank."""
+    nbytes = storage.nbytes()
+    host = None
+    if keep:
+        if _SIMULATION is not None:
+            host = torch.zeros((), dtype=torch.uint8).expand(nbytes)
+        else:
+            flat = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=_cuda_usable() and storage.device.type == "cuda")
+            host.copy_(flat)
+    storage.resize_(0)
+    _storage_resized(storage, -nbytes)
+    return host
+
+
+def restore_storage(storage: torch.UntypedStorage, nbytes: int, host: torch.Tensor | None) -> None:
+    """Undo `offload_storage`: the storage regains `nbytes` and the host copy's bytes (zeros when
+    none was kept)."""
+    storage.resize_(nbytes)
+    _storage_resized(storage, nbytes)
+    flat = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+    if host is None:
+        flat.zero_()
+    else:
+        flat.copy_(host)
+
+
+_STORAGE_OBSERVERS: list = []
+
+
+def _storage_resized(storage: torch.UntypedStorage, delta: int) -> None:
+    for observer in _STORAGE_OBSERVERS:
+        observer(storage, delta)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """A config's dtype name -> torch dtype; "auto" is bfloat16 on GPU (the authors' setting)
     and float32 on CPU (exact comparisons against HF transformers)."""

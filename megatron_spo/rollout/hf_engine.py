@@ -316,19 +316,25 @@ class HFEngine(RolloutEngine):
                     )
                 target.copy_(tensor)
 
-    def sleep(self) -> None:
+    def sleep(self, level: int = 1) -> None:
         """Offload the weights to host memory when they live on an accelerator (on a CPU-only
-        machine they are already there: sleeping only forbids `generate` until `wake_up`).
-        The KV cache lives only inside `generate`, so there is none to free."""
-        if self.device.type != "cpu":
-            self.model.to("cpu")
-            torch.cuda.empty_cache()
+        machine they are already there). Both levels keep the host copy: this engine is for small
+        models, and a level-2 caller re-syncs the weights anyway. The KV cache lives only inside
+        `generate`, so there is none to free. `generate` is refused until the weights are awake."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if not self._asleep:
+            self.model.to(platform.host_device())
+            platform.release_cached_memory()
         self._asleep = True
 
-    def wake_up(self) -> None:
-        if self.device.type != "cpu":
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        unknown = set(tags or ()) - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"wake_up tags must be 'weights' or 'kv_cache', got {sorted(unknown)}")
+        if self._asleep and (tags is None or "weights" in tags):
             self.model.to(self.device)
-        self._asleep = False
+            self._asleep = False
 
     def shutdown(self) -> None:
         self._weights = {}

@@ -119,11 +119,14 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load Hugging Face-named full tensors (any subset of the model's weights)."""
 
-    def sleep(self) -> None:
-        """Release memory (KV cache, optionally weights) while the actor trains."""
+    def sleep(self, level: int = 1) -> None:
+        """Release accelerator memory while the actor has the GPU: level 1 drops the KV cache and
+        keeps the weights in host memory; level 2 drops both (the next weight sync refills them;
+        what verl's colocated workers do). `generate` is refused until `wake_up`."""
 
-    def wake_up(self) -> None:
-        """Regain what `sleep` released."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Regain what `sleep` released: "weights", "kv_cache" or both (None). Waking the weights
+        alone lets a weight sync land before the KV cache takes its memory."""
 
     def shutdown(self) -> None:
         """Free every resource; the engine is unusable afterwards."""

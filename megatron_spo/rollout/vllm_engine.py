@@ -123,7 +123,7 @@ class VLLMEngine(RolloutEngine):
         self.llm = vllm.LLM(**launch.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self._asleep = False
+        self._asleep_tags: set[str] = set()  # what sleep() released and wake_up() has not regained
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if self._asleep:
@@ -188,18 +188,28 @@ class VLLMEngine(RolloutEngine):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": itertools.chain([first], weights)})
         self.llm.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        """vLLM level-1 sleep (weights offloaded, KV cache dropped) where sleep mode is on
-        (GPU with `enable_sleep_mode`); elsewhere vLLM's sleep is a no-op and only `generate`
-        is forbidden until `wake_up`."""
-        if self.config.enable_sleep_mode:
-            self.llm.sleep(level=1)
-        self._asleep = True
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep where sleep mode is on (GPU with `enable_sleep_mode`): level 1 offloads
+        the weights and drops the KV cache, level 2 drops both. Elsewhere vLLM cannot sleep
+        (its CuMem allocator is CUDA's): only `generate` is refused until both are awake."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self.config.enable_sleep_mode and not self._asleep_tags:
+            self.llm.sleep(level=level)
+        self._asleep_tags = {"weights", "kv_cache"}
 
-    def wake_up(self) -> None:
-        if self.config.enable_sleep_mode:
-            self.llm.wake_up()
-        self._asleep = False
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        wanted = {"weights", "kv_cache"} if tags is None else set(tags)
+        if wanted - {"weights", "kv_cache"}:
+            raise ValueError(f"wake_up tags must be 'weights' or 'kv_cache', got {sorted(wanted)}")
+        waking = wanted & self._asleep_tags
+        if self.config.enable_sleep_mode and waking:
+            self.llm.wake_up(tags=sorted(waking))
+        self._asleep_tags -= waking
+
+    @property
+    def _asleep(self) -> bool:
+        return bool(self._asleep_tags)
 
     def shutdown(self) -> None:
         """Free the engine. vLLM's engine core also destroys torch.distributed's default process
@@ -210,4 +220,4 @@ class VLLMEngine(RolloutEngine):
         import gc
 
         gc.collect()
-        self._asleep = True
+        self._asleep_tags = {"weights", "kv_cache"}

@@ -187,7 +187,14 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     """vllm on GPU: memory share (see EngineConfig.gpu_memory_utilization)."""
     enable_sleep_mode: bool = False
-    """vllm on GPU: free engine memory while the actor trains (see EngineConfig)."""
+    """Colocation: the engine sleeps at level 2 (weights and KV cache freed) while the actor
+    trains, wakes its weights for each weight sync and its KV cache to generate
+    (`training.colocation`). vllm: on GPU only (vLLM's CuMem allocator); hf: weights to host."""
+    offload_actor: bool = False
+    """Colocation: the actor's (and the reference's) weights, gradients and optimizer state go
+    to host memory while the engine generates, and come back before the actor computes (verl's
+    param / grad / optimizer offload): the KV cache gets the actor's static memory, for a
+    device-host round trip of that state each step. Bit-exact."""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """How responses are scored (math grader by default)."""
     weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)

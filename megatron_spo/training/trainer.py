@@ -134,6 +134,7 @@ class Trainer:
         self.engine = parts.engine or make_engine(
             cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed, load_weights=False))
         self.placement = self._rollout_placement()
+        self.colocation = self._colocation()
         self.scorer = parts.scorer or ScoringPool(cfg.rollout.reward)
         self.store = self._build_value_store()
         self.sampling = self._sampling()
@@ -152,6 +153,16 @@ class Trainer:
         self.logger = self._make_logger()
 
     # ------------------------------------------------------------------ setup
+
+    def _colocation(self):
+        from megatron_spo.training.colocation import Colocation
+        from megatron_spo.training.offload import ModelOffloader
+
+        models = [ModelOffloader(self.actor.chunks, self.actor.optimizer)]
+        if self.reference is not None:
+            models.append(ModelOffloader(self.reference.chunks))
+        roll = self.config.rollout
+        return Colocation(self.engine, models, sleep_engine=roll.enable_sleep_mode, offload_models=roll.offload_actor)
 
     def _needs_reference(self) -> bool:
         a = self.config.algorithm
@@ -398,7 +409,9 @@ class Trainer:
         if not needed:
             return
         keys = sorted(needed)
+        self.colocation.for_sync()
         sync_weights(self.engine, self.reference.export_hf(), self.config.rollout.weight_sync)
+        self.colocation.for_generation()
         plan = self.placement.plan([None] * len(keys), self.parallel.rank)  # every rank needs every Q0
         mine = [keys[i] for i in plan.generate]
         scorer = rollouts.PromptScorer(self.scorer, self.tokenizer, [needed[k][1] for k in mine],
@@ -468,9 +481,13 @@ class Trainer:
         if self.algorithm == "soft_spo":
             self._fill_q0(batch)
 
+        self.colocation.for_sync()
         sync = sync_weights(self.engine, self.actor.export_hf(), cfg.rollout.weight_sync)
         t_gen = time.perf_counter()
+        self.colocation.for_generation()
         rollout = self._build_rollout(batch)
+        # spo_chain generates its continuations after the old-policy pass: the engine stays awake
+        self.colocation.for_training(keep_engine=self.algorithm == "spo_chain")
         seq = self._sequences(rollout)
         mask = seq["response_mask"][:, :-1]
         # one update per step on fresh samples: the policy is still the old one when the loss runs,
@@ -489,6 +506,7 @@ class Trainer:
                 sequence_seeds.append(seeds[i * self.n + nth.get(i, 0)])
                 nth[i] = nth.get(i, 0) + 1
             self._continue_chains(rollout, len(batch), old_rows, sequence_seeds)
+            self.colocation.for_training()
         gen_seconds = time.perf_counter() - t_gen
         ref = self._logprobs(self.reference, seq) if self.reference is not None else None
 
@@ -704,7 +722,9 @@ class Trainer:
             return {}
         if not hasattr(self, "_eval_records"):
             self._eval_records = [r for path in cfg.eval_files for r in load_records(path)]
+        self.colocation.for_sync()
         sync_weights(self.engine, self.actor.export_hf(), cfg.rollout.weight_sync)
+        self.colocation.for_generation()
         e = cfg.eval
         settings = EvalSettings(
             n=e.n, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, seed=cfg.seed, ks=e.ks,
@@ -714,6 +734,7 @@ class Trainer:
         result = evaluate(self.engine, self.tokenizer, self._eval_records, settings, pool=self.scorer,
                           rank=par.rank, world_size=par.world_size, group=par.host_group,
                           rollout_tp=cfg.rollout.tensor_parallel_size)
+        self.colocation.for_training()
         metrics = [{f"eval/{k}": float(v) for k, v in result.get("overall", {}).items()}]
         if par.world_size > 1:  # rank 0 gathered the grades; every rank reports the same metrics
             torch.distributed.broadcast_object_list(metrics, src=0, group=par.host_group)

@@ -40,26 +40,21 @@ def params_per_tp_rank(cfg: dict, tp: int) -> tuple[list[int], list[int]]:
 def check_closed_form(role: dict, cfg: dict, tp: int, dp: int) -> None:
     """Parameter, gradient and optimizer bytes of a role against their closed form.
 
-    The model is bf16 except its norm weights, which the torch-native layer spec keeps in fp32
-    (Transformer Engine's would not): Megatron's DDP makes one buffer per parameter dtype (one
-    bucket each: overlap_grad_reduce is off), starts each parameter on a multiple of 64 elements
+    Every weight is bf16, the norms too (as under the TE spec), so Megatron's DDP makes one buffer
+    (one bucket: overlap_grad_reduce is off), starts each parameter on a multiple of 64 elements
     and pads the end to a multiple of lcm(dp, 128). With every parameter a multiple of 64 elements
-    (true of both configs tested) a buffer's N real elements sit at [0, N) of P = ceil(N / L) L,
-    and DP rank r's optimizer owns [r P / dp, (r + 1) P / dp) of it: fp32 master + two Adam
-    moments (12 bytes) for bf16 parameters; the moments only (8 bytes) for fp32 ones, whose
-    master weights are the parameters themselves."""
+    (true of both configs tested) the N real elements sit at [0, N) of P = ceil(N / L) L, and DP
+    rank r's optimizer owns [r P / dp, (r + 1) P / dp) of it: an fp32 master weight and two fp32
+    Adam moments (12 bytes) per element."""
     matrices, norms = params_per_tp_rank(cfg, tp)
     assert all(n % 64 == 0 for n in matrices + norms)
-    align = math.lcm(dp, 128)
-    param_bytes = grad_bytes = optimizer_bytes = 0
-    for sizes, width, state in ((matrices, 2, 12), (norms, 4, 8)):
-        n = sum(sizes)
-        padded = -(-n // align) * align
-        shard = padded // dp
-        param_bytes += width * padded
-        grad_bytes += 4 * padded  # fp32 gradient buffers
-        optimizer_bytes += state * min(max(n - role["dp_rank"] * shard, 0), shard)
-    assert role["param_numel"] == sum(matrices + norms)
+    n = sum(matrices + norms)
+    padded = -(-n // math.lcm(dp, 128)) * math.lcm(dp, 128)
+    shard = padded // dp
+    param_bytes = 2 * padded
+    grad_bytes = 4 * padded  # fp32 gradient buffer
+    optimizer_bytes = 12 * min(max(n - role["dp_rank"] * shard, 0), shard)
+    assert role["param_numel"] == n
     assert (role["param_bytes"], role["grad_bytes"], role["optimizer_bytes"]) == (param_bytes, grad_bytes, optimizer_bytes)
 
 

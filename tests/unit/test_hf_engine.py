@@ -224,6 +224,22 @@ def test_sleep_forbids_generate_until_wake_up(engine, prompts):
     assert len(greedy_ids(engine, prompts[:1], 2)[0]) == 2
 
 
+def test_sleep_levels_and_wake_up_tags(engine, prompts):
+    """Level 2 (colocation) as level 1 here; the weights tag wakes the weights, kv_cache alone
+    does not (the hf engine's cache lives inside generate)."""
+    before = greedy_ids(engine, prompts[:1], 4)[0]
+    engine.sleep(level=2)
+    engine.wake_up(["kv_cache"])
+    with pytest.raises(RuntimeError, match="asleep"):
+        greedy_ids(engine, prompts[:1], 2)
+    engine.wake_up(["weights"])
+    assert greedy_ids(engine, prompts[:1], 4)[0] == before
+    with pytest.raises(ValueError, match="level"):
+        engine.sleep(level=3)
+    with pytest.raises(ValueError, match="tags"):
+        engine.wake_up(["weight"])
+
+
 def test_bad_requests_are_refused(engine):
     with pytest.raises(ValueError, match="empty"):
         engine.generate([GenerationRequest(prompt_token_ids=[])])
