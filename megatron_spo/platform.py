@@ -156,6 +156,13 @@ def restore_storage(storage: torch.UntypedStorage, nbytes: int, host: torch.Tens
 _STORAGE_OBSERVERS: list = []
 
 
+def observe_storage_resizes(observer) -> None:
+    """Call `observer(storage, delta_bytes)` whenever `offload_storage` / `restore_storage` resize
+    a storage (the dry run's audit counts live bytes from storage creation, and a resize in place
+    creates nothing)."""
+    _STORAGE_OBSERVERS.append(observer)
+
+
 def _storage_resized(storage: torch.UntypedStorage, delta: int) -> None:
     for observer in _STORAGE_OBSERVERS:
         observer(storage, delta)

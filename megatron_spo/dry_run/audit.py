@@ -109,6 +109,14 @@ class Audit(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._release, key)
 
+    def resized(self, storage: torch.UntypedStorage, delta: int) -> None:
+        """A tracked storage shrank or grew in place (offload to host and back)."""
+        key = storage._cdata
+        if key in self._storages:
+            self._storages[key] += delta
+            self.live += delta
+            self.peak = max(self.peak, self.live)
+
     def _release(self, key: int) -> None:
         self.live -= self._storages.pop(key, 0)
 

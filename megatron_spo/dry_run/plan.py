@@ -8,10 +8,16 @@ while that piece of the step ran. The rollout engine is not executed here: vLLM 
 reservation is what the plan counts; its weights are the HF checkpoint's parameters in the
 engine's dtype, divided over the rollout TP group.
 
-Phases: `rollout` = actor resident + weight export buffers + engine; `training` = actor resident +
-the larger of the update and the forward-only log-prob passes + what the engine keeps meanwhile.
-The trainer does not put the engine to sleep yet, so it keeps its whole reservation during training
-(the GPU-readiness II issue adds the sleep / offload choreography).
+Phases, in the order of a colocated step (`training.colocation`):
+- `weight sync`: the actor resident + the export's buffers + the engine's weights (the whole
+  reservation when the engine does not sleep);
+- `rollout`: what the trainer still held on the GPU while the engine generated (measured at the
+  engine's `generate`: the whole actor, or next to nothing with `rollout.offload_actor`) + the
+  engine's reservation;
+- `training`: the actor resident + the larger of the update and the forward-only log-prob passes
+  + the engine's reservation unless it sleeps (`rollout.enable_sleep_mode`, level 2: weights
+  and KV cache freed). An asleep vLLM still keeps its CUDA graphs and allocator overhead, which
+  this plan does not count.
 """
 
 from __future__ import annotations
@@ -77,15 +83,25 @@ class MemoryPlan:
                 "checkpoint state dict (peak)": r["checkpoint_peak_above"],
                 "rollout engine: weights": engine_weights,
                 "rollout engine: KV cache + activations": max(engine_total - engine_weights, 0.0),
+                "trainer's GPU state while the engine generates": r["live_at_generate"],
             }
             training_extra = max(peak(UPDATE), peak(FORWARD))
+            sleeps = roll.enable_sleep_mode
+            engine_at_sync = engine_weights if sleeps else engine_total
+            engine_training = 0.0 if sleeps else engine_total
             phases = {
-                "rollout": (static + peak(EXPORT) + engine_total,
-                            _largest({**_resident(items), "rollout engine (reserved)": engine_total,
-                                      "weight export buffers": peak(EXPORT)})),
-                "training": (static + training_extra + engine_total,
+                "weight sync": (static + peak(EXPORT) + engine_at_sync,
+                                _largest({**_resident(items), "weight export buffers": peak(EXPORT),
+                                          "rollout engine: weights" if sleeps else "rollout engine (reserved)":
+                                              engine_at_sync})),
+                "rollout": (r["live_at_generate"] + engine_total,
+                            _largest({"rollout engine (reserved)": engine_total,
+                                      "trainer's GPU state while the engine generates" + (
+                                          "" if roll.offload_actor else " (the actor, not offloaded)"):
+                                          r["live_at_generate"]})),
+                "training": (static + training_extra + engine_training,
                              _largest({**_resident(items), "activations + logits + loss buffers": peak(UPDATE),
-                                       "rollout engine (awake, not offloaded)": engine_total})),
+                                       "rollout engine (awake, not asleep)": engine_training})),
             }
             roles.append(RolePlan(r["rank"], r["role"], items, phases, r["wall_seconds"]))
         header = [
@@ -96,6 +112,8 @@ class MemoryPlan:
             f"optimizer: {'Megatron distributed (state sharded over DP ' + str(r0['dp']) + ')' if r0['distributed_optimizer'] else 'Megatron (unsharded)'}; "
             f"rollout engine {roll.engine}: " + (f"reserves gpu_memory_utilization {roll.gpu_memory_utilization:g} of the GPU "
                                                  f"(not executed; from the config)" if roll.engine == "vllm" else "weights only"),
+            f"colocation: engine sleeps while the actor trains: {'yes' if roll.enable_sleep_mode else 'NO (rollout.enable_sleep_mode)'}; "
+            f"actor offloaded while the engine generates: {'yes' if roll.offload_actor else 'NO (rollout.offload_actor)'}",
         ]
         subs: dict[str, int] = {}
         for r in results:
@@ -103,6 +121,8 @@ class MemoryPlan:
                 subs[k] = subs.get(k, 0) + v
         footer = ["collectives: data from other ranks is taken to equal this rank's (fake process group); with "
                   "PP > 1 the export plan other stages send is this stage's, so export buffers are approximate"]
+        if roll.enable_sleep_mode and roll.engine == "vllm":
+            footer.append("an asleep vLLM engine is counted as 0 GiB: its CUDA graphs and allocator overhead are not in this plan")
         if subs:
             footer.append("substituted (a GPU value read back on the host; the step continued with the stand-in):")
             footer += [f"  {count:4d} x {what}" for what, count in sorted(subs.items(), key=lambda kv: -kv[1])[:12]]

@@ -140,8 +140,10 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
 
     spec = load_model_spec(cfg.model.hf_dir)
     dp_rank = (rank // tp) % dp
-    engine = substitutes.WorstCaseEngine(vocab_size=spec.vocab_size, max_model_len=cfg.rollout.max_model_len)
     audit = Audit()
+    platform.observe_storage_resizes(audit.resized)
+    engine = substitutes.WorstCaseEngine(vocab_size=spec.vocab_size, max_model_len=cfg.rollout.max_model_len,
+                                         live_bytes=lambda: audit.live)
     phases: dict[str, dict[str, float]] = {}
     t_start = time.perf_counter()
 
@@ -209,6 +211,7 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
         "static_before_step": static_before, "static_after_step": static_after,
         "logits_bytes": logits_bytes[0], "checkpoint_peak_above": ckpt.peak_above, "checkpoint_keys": checkpoint_keys,
         "phases": phases, "engine_synced_bytes": engine.synced_bytes, "engine_synced_tensors": engine.synced_tensors,
+        "live_at_generate": engine.live_at_generate, "colocation_events": trainer.colocation.events,
         "substitutions": dict(audit.substitutions), "seconds": seconds,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
         "param_numel": sum(p.numel() for p in params),

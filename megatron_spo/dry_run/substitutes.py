@@ -89,13 +89,17 @@ class WorstCaseEngine(RolloutEngine):
     allows. Token ids cycle through the vocabulary (never an end token in practice); each
     sampled token's log-probability is -1. Weight updates are consumed and counted."""
 
-    def __init__(self, *, vocab_size: int, max_model_len: int | None):
+    def __init__(self, *, vocab_size: int, max_model_len: int | None, live_bytes=None):
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.synced_bytes = 0
         self.synced_tensors = 0
+        self.live_bytes = live_bytes  # () -> accelerator bytes the trainer holds now
+        self.live_at_generate = 0  # the most the trainer held while this engine generated
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if self.live_bytes is not None:
+            self.live_at_generate = max(self.live_at_generate, self.live_bytes())
         results = []
         for request in requests:
             p = request.params

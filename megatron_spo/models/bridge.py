@@ -300,6 +300,12 @@ class WeightBridge:
         for bucket in self.export_buckets(chunks, bucket_bytes=bucket_bytes, dtype=dtype):
             yield from bucket
 
+    def release_buffers(self) -> None:
+        """Drop the TP gather buffers kept between exports (each as large as the largest
+        bucket x TP, e.g. 2.3 GiB for Qwen3-8B at TP 2); the next export allocates them again.
+        Colocation calls this while the engine generates."""
+        self._gather_buffers.clear()
+
     @torch.no_grad()
     def export_buckets(
         self,

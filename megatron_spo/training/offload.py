@@ -23,9 +23,10 @@ class ModelOffloader:
     """The accelerator state of model chunks (DDP-wrapped or plain) and, optionally, their
     Megatron optimizer, moved to host memory by `offload()` and back by `onload()`."""
 
-    def __init__(self, chunks: Iterable[torch.nn.Module], optimizer=None):
+    def __init__(self, chunks: Iterable[torch.nn.Module], optimizer=None, *, caches: Iterable = ()):
         self.chunks = list(chunks)
         self.optimizer = optimizer
+        self.caches = list(caches)  # objects with release_buffers(): device buffers they re-create on use
         self.offloaded = False
         self._saved: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] = []
 
@@ -73,6 +74,8 @@ class ModelOffloader:
             for group in part.optimizer.param_groups:
                 for param in group["params"]:
                     param.grad = None
+        for cache in self.caches:
+            cache.release_buffers()
         keep, drop = self._storages()
         freed = 0
         for storages, kept in ((keep, True), (drop, False)):

@@ -158,9 +158,9 @@ class Trainer:
         from megatron_spo.training.colocation import Colocation
         from megatron_spo.training.offload import ModelOffloader
 
-        models = [ModelOffloader(self.actor.chunks, self.actor.optimizer)]
+        models = [ModelOffloader(self.actor.chunks, self.actor.optimizer, caches=[self.actor.bridge])]
         if self.reference is not None:
-            models.append(ModelOffloader(self.reference.chunks))
+            models.append(ModelOffloader(self.reference.chunks, caches=[self.reference.bridge]))
         roll = self.config.rollout
         return Colocation(self.engine, models, sleep_engine=roll.enable_sleep_mode, offload_models=roll.offload_actor)
 

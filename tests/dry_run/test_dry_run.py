@@ -107,13 +107,44 @@ def test_tiny_config_dry_run_measures_closed_form_bytes(tiny, tmp_path):
         assert role["engine_synced_bytes"] > 0
 
 
+def test_colocation_phases_are_measured(tiny, tmp_path):
+    """With the engine asleep during training and the actor offloaded during generation, the
+    dry run runs the real offload (storages freed in place) and the plan's phases follow it:
+    the rollout phase holds the engine beside next to nothing of the actor, the training phase
+    holds no engine. Without colocation the actor stays whole beside the engine throughout."""
+    config, _ = tiny
+    plans = {}
+    for name, flags in {"colocated": ["rollout.enable_sleep_mode=true", "rollout.offload_actor=true"],
+                        "resident": ["rollout.enable_sleep_mode=false", "rollout.offload_actor=false"]}.items():
+        report = tmp_path / f"{name}.json"
+        proc = run(["-m", "megatron_spo", "train", "--config", str(config), "--dry-run",
+                    f"dry_run.report_file={report}", *flags])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        plans[name] = json.loads(report.read_text())
+    engine = 0.5 * 2**30  # gpu_memory_utilization 0.5 of the 1 GiB budget
+    for colocated, resident in zip(plans["colocated"]["roles"], plans["resident"]["roles"]):
+        static = resident["static_after_step"]
+        # the whole actor stays (Adam's moments are created by the first update, after this)
+        assert resident["live_at_generate"] >= resident["param_bytes"] + resident["grad_bytes"]
+        assert colocated["live_at_generate"] < 0.01 * static  # offloaded: RoPE frequencies are what is left
+        assert [e.split("(")[0] for e in colocated["colocation_events"]] == [
+            "engine.sleep", "engine.wake_up", "models.offload", "engine.wake_up", "engine.sleep", "models.onload"]
+        assert resident["colocation_events"] == []
+    for rank, plan in plans["colocated"]["plan"].items():
+        phases, other = plan["phases"], plans["resident"]["plan"][rank]["phases"]
+        assert phases["rollout"] == pytest.approx(plan["items"]["trainer's GPU state while the engine generates"] + engine)
+        # the engine slept (and the bridge's gather buffers, dropped for the rollout, are not back)
+        assert other["training"] - phases["training"] >= engine
+        assert phases["weight sync"] < other["weight sync"]  # only the engine's weights are awake
+
+
 def test_over_budget_fails_with_one_line_when_fit_is_required(tiny, tmp_path):
     config, _ = tiny
     proc = run(["-m", "megatron_spo", "train", "--config", str(config), "--dry-run",
                 "dry_run.gpu_memory_gib=0.001", "dry_run.require_fit=true"])
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    match = re.search(r"phase '(rollout|training)' on rank \d+ needs ([\d.e-]+) GiB > 0.001 GiB "
+    match = re.search(r"phase '(weight sync|rollout|training)' on rank \d+ needs ([\d.e-]+) GiB > 0.001 GiB "
                       r"\(dry_run.gpu_memory_gib\); largest item: (.+) \(([\d.e-]+) GiB\)$", last)
     assert match, last
     assert float(match[2]) > 0.001 and 0 < float(match[4]) <= float(match[2])

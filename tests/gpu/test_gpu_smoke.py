@@ -112,3 +112,50 @@ def test_transformer_engine_spec_when_installed(spawn, tmp_path):
     overrides = merge(algorithm_setup(tmp_path, "spo"), {"checkpoint": {"every_steps": 0}})
     (out,) = spawn(1, _train_on_gpu, overrides, 1)
     assert out["actor"] == ("cuda:0", "torch.bfloat16")
+
+
+def _colocated_on_gpu(rank, world_size, overrides):
+    """One resident step (Adam state exists), then the offload round trip by hand, then two
+    colocated steps; GPU bytes are read at each point."""
+    from megatron_spo.config import from_dict
+    from megatron_spo.training.config import TrainConfig
+    from megatron_spo.training.trainer import Trainer
+
+    trainer = Trainer(from_dict(TrainConfig, {**overrides, "total_steps": 3}))
+    trainer.train_step()
+    before = _snapshot(trainer)
+    actor = trainer.colocation.models[0]
+    resident = torch.cuda.memory_allocated()
+    freed = actor.offload()
+    offloaded = torch.cuda.memory_allocated()
+    actor.onload()
+    after = _snapshot(trainer)
+    at_generate = []
+    generate = trainer.engine.generate
+
+    def recording_generate(requests):
+        at_generate.append(torch.cuda.memory_allocated())
+        return generate(requests)
+
+    trainer.engine.generate = recording_generate
+    history = [trainer.train_step(), trainer.train_step()]
+    events = list(trainer.colocation.events)
+    trainer.close()
+    return {"before": before, "after": after, "resident": resident, "offloaded": offloaded, "freed": freed,
+            "at_generate": at_generate, "history": history, "events": events}
+
+
+def test_colocation_offloads_the_actor_and_puts_the_engine_to_sleep_on_the_gpu(spawn, tmp_path):
+    overrides = merge(tiny_train_setup(tmp_path, family="qwen2"),
+                      {"checkpoint": {"every_steps": 0}, "rollout": {"enable_sleep_mode": True, "offload_actor": True}})
+    (out,) = spawn(1, _colocated_on_gpu, overrides)
+    print("colocation on GPU:", {k: out[k] for k in ("resident", "offloaded", "freed", "at_generate")}, out["events"])
+    # the round trip through pinned host memory is exact
+    for name in out["before"][0]:
+        assert torch.equal(out["before"][0][name], out["after"][0][name]), name
+    assert all(torch.equal(x, y) for a, b in zip(out["before"][1], out["after"][1]) for x, y in zip(a, b))
+    assert out["freed"] > 0 and out["resident"] - out["offloaded"] >= out["freed"] * 0.9
+    assert max(out["at_generate"]) < out["resident"]  # the engine generated beside an offloaded actor
+    assert "engine.sleep(2)" in out["events"] and "models.onload" in out["events"]
+    for metrics in out["history"]:
+        assert all(math.isfinite(v) for v in metrics.values())
