@@ -120,25 +120,24 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def offload_storage(storage: torch.UntypedStorage, *, keep: bool) -> torch.Tensor | None:
-    """Free an accelerator storage in place (its tensors and views stay valid objects of size
-    zero until `restore_storage`). keep=True returns a host copy of its bytes (pinned on a GPU,
-    so the copy back runs at full bandwidth); keep=False drops them (gradient buffers).
+def host_buffer(nbytes: int) -> torch.Tensor:
+    """Host bytes to offload an accelerator storage into: pinned on a GPU (the copies run at full
+    bandwidth and can be reused every step); on a simulated GPU a zero-strided stand-in (a dry
+    run of a large model could not hold the real bytes)."""
+    if _SIMULATION is not None:
+        return torch.zeros((), dtype=torch.uint8).expand(nbytes)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=_cuda_usable())
 
-    On a simulated GPU the host copy is a zero-strided stand-in (no host memory: a dry run of a
-    large model could not hold it) and the audit is told the storage shrank."""
+
+def offload_storage(storage: torch.UntypedStorage, host: torch.Tensor | None) -> None:
+    """Free an accelerator storage in place; its tensors and views stay valid objects (of no
+    bytes) until `restore_storage`. Its bytes go to `host` (a `host_buffer` of its size), or
+    are dropped when `host` is None (gradient buffers)."""
     nbytes = storage.nbytes()
-    host = None
-    if keep:
-        if _SIMULATION is not None:
-            host = torch.zeros((), dtype=torch.uint8).expand(nbytes)
-        else:
-            flat = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=_cuda_usable() and storage.device.type == "cuda")
-            host.copy_(flat)
+    if host is not None and _SIMULATION is None:
+        host.copy_(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage))
     storage.resize_(0)
     _storage_resized(storage, -nbytes)
-    return host
 
 
 def restore_storage(storage: torch.UntypedStorage, nbytes: int, host: torch.Tensor | None) -> None:

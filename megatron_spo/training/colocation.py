@@ -18,6 +18,9 @@ on, nothing moves and the engine keeps its memory throughout.
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 from megatron_spo.rollout.types import RolloutEngine
 from megatron_spo.training.offload import ModelOffloader
 
@@ -31,18 +34,34 @@ class Colocation:
         self.offload_models = offload_models
         self.engine_awake: set[str] = {"weights", "kv_cache"}  # engines start awake
         self.events: list[str] = []  # what moved, in order (tests and the dry run read it)
+        self.seconds = 0.0  # spent moving things since the last take_seconds()
+
+    def take_seconds(self) -> float:
+        """Seconds spent offloading, onloading, sleeping and waking since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    @contextlib.contextmanager
+    def _timed(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t
 
     def _wake(self, tags: list[str]) -> None:
         missing = [t for t in tags if t not in self.engine_awake]
         if missing:
-            self.engine.wake_up(missing)
+            with self._timed():
+                self.engine.wake_up(missing)
             self.engine_awake.update(missing)
             self.events.append("engine.wake_up(" + ",".join(missing) + ")")
 
     def _onload(self) -> None:
         if any(m.offloaded for m in self.models):
-            for model in self.models:
-                model.onload()
+            with self._timed():
+                for model in self.models:
+                    model.onload()
             self.events.append("models.onload")
 
     def for_sync(self) -> None:
@@ -58,7 +77,8 @@ class Colocation:
     def for_generation(self) -> None:
         """The engine generates: the models on host (offload_models), the engine fully awake."""
         if self.offload_models and not all(m.offloaded for m in self.models):
-            freed = sum(model.offload() for model in self.models)
+            with self._timed():
+                freed = sum(model.offload() for model in self.models)
             self.events.append(f"models.offload({freed} bytes)")
         if self.sleep_engine:
             self._wake(["weights", "kv_cache"])
@@ -71,6 +91,7 @@ class Colocation:
         self._onload()
 
     def _sleep(self) -> None:
-        self.engine.sleep(level=2)
+        with self._timed():
+            self.engine.sleep(level=2)
         self.engine_awake.clear()
         self.events.append("engine.sleep(2)")

@@ -29,6 +29,7 @@ class ModelOffloader:
         self.caches = list(caches)  # objects with release_buffers(): device buffers they re-create on use
         self.offloaded = False
         self._saved: list[tuple[torch.UntypedStorage, int, torch.Tensor | None]] = []
+        self._host: dict[int, torch.Tensor] = {}  # storage -> its pinned host bytes, reused every step
 
     def _storages(self) -> tuple[list[torch.UntypedStorage], list[torch.UntypedStorage]]:
         """(storages whose bytes are kept, gradient storages that are dropped), each once."""
@@ -81,7 +82,13 @@ class ModelOffloader:
         for storages, kept in ((keep, True), (drop, False)):
             for storage in storages:
                 nbytes = storage.nbytes()
-                self._saved.append((storage, nbytes, platform.offload_storage(storage, keep=kept)))
+                host = None
+                if kept:
+                    host = self._host.get(storage._cdata)
+                    if host is None or host.numel() != nbytes:
+                        host = self._host[storage._cdata] = platform.host_buffer(nbytes)
+                platform.offload_storage(storage, host)
+                self._saved.append((storage, nbytes, host))
                 freed += nbytes
         self.offloaded = True
         platform.release_cached_memory()

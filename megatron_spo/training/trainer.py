@@ -548,6 +548,7 @@ class Trainer:
             "perf/gen_tokens_per_s": generated / max(gen_seconds, 1e-9),
             "perf/train_tokens_per_s": update.pop("tokens", 0.0) / max(train_seconds, 1e-9),
             "perf/weight_sync_s": sync.seconds,
+            "perf/colocation_s": self.colocation.take_seconds(),  # offload / onload / sleep / wake
             "perf/weight_sync_gb_per_s": sync.gb_per_s,
             "perf/step_s": time.perf_counter() - t0,
             "advantage/mean": adv_stats[0].item() / max(adv_stats[1].item(), 1.0),
