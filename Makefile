@@ -54,10 +54,10 @@ demo: install
 
 # the GPU examples' dry runs on this CPU-only machine (README: "Checking a GPU configuration")
 dry-run: install
-	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/spo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8
-	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/grpo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8
-	$(PYTHON) -m megatron_spo train --config examples/gpu_node/spo.yaml --dry-run
-	$(PYTHON) -m megatron_spo train --config examples/multinode/spo.yaml --dry-run dry_run.nodes=2
+	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/spo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8 dry_run.require_fit=true
+	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/grpo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8 dry_run.require_fit=true
+	$(PYTHON) -m megatron_spo train --config examples/gpu_node/spo.yaml --dry-run dry_run.require_fit=true
+	$(PYTHON) -m megatron_spo train --config examples/multinode/spo.yaml --dry-run dry_run.nodes=2 dry_run.require_fit=true
 
 # bench/vs_trl.py against TRL's GRPOTrainer: TRL gets its own venv (it brings its own transformers);
 # the bench itself runs in .venv and drives TRL there as a subprocess. BENCH_TRL_ARGS=--quick for a smoke run.

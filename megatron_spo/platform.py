@@ -510,7 +510,37 @@ def gpt_layer_spec(*, qk_layernorm: bool):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAAttention
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    if qk_layernorm:  # per-head norms see the whole sequence; Megatron sums their grads over TP anyway
+        spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelRMSNorm
     return spec
+
+
+def gpt_block_spec(config, layer_spec, *, vp_stage: int | None):
+    """What GPTModel takes as its decoder spec: TE's layer spec as it is (Megatron adds TE's final
+    norm); the local one inside block submodules whose final norm is `SequenceParallelRMSNorm`
+    (Megatron's default for it, torch's RMSNorm, refuses sequence parallelism)."""
+    if has_transformer_engine():
+        return layer_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=SequenceParallelRMSNorm)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for the local layer spec, usable under sequence parallelism: each TP rank
+    then normalises its own slice of the sequence, so its weight gradient is partial, and the
+    weight carries Megatron's `sequence_parallel` mark, by which `finalize_model_grads` sums it
+    over the TP group (what TE's norms and Apex's FusedLayerNorm do). Without sequence
+    parallelism it is torch's RMSNorm."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
 
 
 # ----------------------------------------------------------------------------- CPU shims

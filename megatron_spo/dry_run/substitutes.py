@@ -67,7 +67,7 @@ def shapes_only_loader(model_dir: str | Path):
     """A `TrainerParts.load_model`: build the model on the accelerator and load it through the
     bridge from a `ShapeReader` (the real load path, without the weights)."""
 
-    def load(path, parallel, *, dtype, seed, recompute="none"):
+    def load(path, parallel, *, dtype, seed, recompute="none", sequence_parallel=False):
         from megatron_spo.models.bridge import WeightBridge
         from megatron_spo.models.builder import build_model
         from megatron_spo.models.hf_config import load_model_spec
@@ -75,7 +75,8 @@ def shapes_only_loader(model_dir: str | Path):
         spec = load_model_spec(model_dir)
         spec.check_parallel(parallel.tp, parallel.pp, parallel.vpp)
         bridge = WeightBridge(spec, parallel)
-        chunks = build_model(spec, parallel, dtype=dtype, seed=seed, recompute=recompute)
+        chunks = build_model(spec, parallel, dtype=dtype, seed=seed, recompute=recompute,
+                             sequence_parallel=sequence_parallel)
         reader = ShapeReader({k: (s, dtype) for k, (s, _) in hf_shapes(str(model_dir)).items()})
         with torch.no_grad():
             bridge.load_hf(chunks, model_dir, reader=reader)

@@ -47,10 +47,11 @@ def llama3_inv_freq(
 
 def transformer_config(
     spec: ModelSpec, parallel: platform.ParallelContext, *, dtype: torch.dtype = torch.float32,
-    recompute: str = "none",
+    recompute: str = "none", sequence_parallel: bool = False,
 ):
     """Megatron `TransformerConfig` for this model and parallel layout (`recompute`: "none" or
-    "full", see `ParallelConfig.recompute`)."""
+    "full", see `ParallelConfig.recompute`; `sequence_parallel`: split the sequence over the TP
+    ranks outside the attention and MLP matmuls, see `ParallelConfig.sequence_parallel`)."""
     from megatron.core.transformer import TransformerConfig
 
     settings = dict(
@@ -76,7 +77,7 @@ def transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel and parallel.tp > 1,
         # micro-batches of a rollout batch differ in length
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # unused (dense model); "allgather" refuses the above
@@ -96,6 +97,7 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     seed: int = 1234,
     recompute: str = "none",
+    sequence_parallel: bool = False,
 ) -> list:
     """The GPTModel chunks this rank holds (one per virtual pipeline stage).
 
@@ -107,14 +109,14 @@ def build_model(
 
     spec.check_parallel(parallel.tp, parallel.pp, parallel.vpp)
     platform.seed_everything(seed, tp_rank=parallel.tp_rank, pp_rank=parallel.pp_rank)
-    config = transformer_config(spec, parallel, dtype=dtype, recompute=recompute)
+    config = transformer_config(spec, parallel, dtype=dtype, recompute=recompute, sequence_parallel=sequence_parallel)
     layer_spec = platform.gpt_layer_spec(qk_layernorm=spec.qk_norm)
     chunks = []
     for vp_stage in range(parallel.vpp or 1):
         vp = vp_stage if parallel.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec,
+            transformer_layer_spec=platform.gpt_block_spec(config, layer_spec, vp_stage=vp),
             vocab_size=spec.vocab_size,
             max_sequence_length=spec.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),

@@ -346,9 +346,9 @@ def hf_side_dir_of(path: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path, parallel: ParallelContext, *, dtype: torch.dtype = torch.float32, seed: int = 1234,
-                    recompute: str = "none"):
+                    recompute: str = "none", sequence_parallel: bool = False):
     """(spec, chunks, bridge) for an HF model directory or a megatron-spo checkpoint, at any TP/PP
-    (`recompute`: the actor's activation recompute, `build_model`)."""
+    (`recompute`, `sequence_parallel`: the actor's activation memory settings, `build_model`)."""
     from megatron_spo.models.bridge import WeightBridge
     from megatron_spo.models.builder import build_model
     from megatron_spo.models.hf_config import load_model_spec
@@ -362,7 +362,8 @@ def load_pretrained(path: str | Path, parallel: ParallelContext, *, dtype: torch
         from megatron_spo.models.bridge import SafetensorsReader
 
         SafetensorsReader(path).close()  # fail on missing weights before building anything
-    chunks = build_model(spec, parallel, dtype=dtype, seed=seed, recompute=recompute)
+    chunks = build_model(spec, parallel, dtype=dtype, seed=seed, recompute=recompute,
+                         sequence_parallel=sequence_parallel)
     if is_mcore_checkpoint(path):
         load_mcore_checkpoint(chunks, path)
     else:

@@ -92,6 +92,15 @@ class ParallelConfig:
     recomputes the layer in backward (Megatron's full / uniform / 1 layer, as verl sets it for
     long sequences): activation memory ~ one layer instead of all, for ~1/3 more compute.
     The same numbers either way."""
+    sequence_parallel: bool | None = None
+    """Megatron's sequence parallelism: outside the attention and MLP matmuls (norms, residuals,
+    dropout, the layer inputs that recompute keeps) each TP rank holds 1/tp of the sequence;
+    all-reduces become reduce-scatter + all-gather. None = on when tp > 1 (verl's default).
+    Micro-batches are padded to a multiple of tp. The same numbers up to summation order."""
+
+    @property
+    def sequence_parallel_enabled(self) -> bool:
+        return self.tp > 1 and self.sequence_parallel is not False
 
     def __post_init__(self):
         if self.tp < 1 or self.pp < 1:

@@ -216,7 +216,8 @@ def compute_logprobs(
         if parallel.is_last_stage:
             value = torch.zeros(batch, seq - 1, dtype=torch.float32, device=input_ids.device)
             for r in results:  # micro-batches may be reordered and cut to their longest row
-                value[r["row"], : r[key].shape[1]] = r[key]
+                width = min(r[key].shape[1], seq - 1)  # sequence parallelism pads micro-batches
+                value[r["row"], :width] = r[key][:, :width]
         else:
             value = torch.empty(batch, seq - 1, dtype=torch.float32, device=input_ids.device)
         if parallel.pp > 1:
@@ -257,7 +258,7 @@ def compute_logits(
 
     results = run_microbatches(chunks, parallel, forward_step, mbs, forward_only=True)
     if parallel.is_last_stage:
-        logits = torch.cat([r["logits"] for r in results], dim=0).contiguous()
+        logits = torch.cat([r["logits"][:, :seq] for r in results], dim=0).contiguous()
         shape = torch.tensor(logits.shape)
     else:
         logits, shape = None, torch.zeros(3, dtype=torch.long)

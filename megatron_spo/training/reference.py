@@ -21,11 +21,12 @@ from megatron_spo.training.logprobs import compute_logprobs
 
 class ReferenceModel:
     def __init__(self, hf_dir: str | Path, parallel: ParallelContext, *, dtype: torch.dtype, seed: int,
-                 load=None):
+                 load=None, sequence_parallel: bool = False):
         from megatron_spo.models.checkpoint import load_pretrained
 
         self.parallel = parallel
-        self.spec, self.chunks, self.bridge = (load or load_pretrained)(hf_dir, parallel, dtype=dtype, seed=seed)
+        self.spec, self.chunks, self.bridge = (load or load_pretrained)(
+            hf_dir, parallel, dtype=dtype, seed=seed, sequence_parallel=sequence_parallel)
         for chunk in self.chunks:
             chunk.eval()
             chunk.requires_grad_(False)

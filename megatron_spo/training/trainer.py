@@ -81,7 +81,8 @@ class TrainerParts:
     tokenizer: Any = None
     prompts: list[Prompt] | None = None
     load_model: Callable | None = None
-    """(path, parallel, dtype=, seed=[, recompute=]) -> (spec, chunks, bridge); default `load_pretrained`."""
+    """(path, parallel, dtype=, seed=[, recompute=, sequence_parallel=]) -> (spec, chunks, bridge);
+    default `load_pretrained`."""
     engine: Any = None
     scorer: Any = None
     rollout_standalone: bool = False
@@ -118,7 +119,8 @@ class Trainer:
                                                  self.tokenizer, cfg.data.prompt)
         self.prompts_skipped = skipped
         spec, chunks, bridge = load_model(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed,
-                                          recompute=cfg.parallel.recompute)
+                                          recompute=cfg.parallel.recompute,
+                                          sequence_parallel=cfg.parallel.sequence_parallel_enabled)
         o = cfg.optimizer
         self.actor = Actor(spec, chunks, bridge, par, OptimizerSettings(
             lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
@@ -130,7 +132,8 @@ class Trainer:
         if self._needs_reference():
             from megatron_spo.training.reference import ReferenceModel
 
-            self.reference = ReferenceModel(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed, load=load_model)
+            self.reference = ReferenceModel(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed, load=load_model,
+                                            sequence_parallel=cfg.parallel.sequence_parallel_enabled)
         self.engine = parts.engine or make_engine(
             cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed, load_weights=False))
         self.placement = self._rollout_placement()

@@ -208,14 +208,24 @@ def test_strict_mode_catches_planted_device_bugs(tiny, tmp_path, plant):
 
 @pytest.mark.slow
 def test_qwen3_8b_recipe_dry_run(tmp_path):
-    """The README's command: the 8-GPU Qwen3-8B SPO recipe, TP 2 x DP 4."""
+    """The README's command: the 8-GPU Qwen3-8B SPO recipe at the authors' settings (16,384
+    response + 2,048 prompt tokens), TP 2 x DP 4 with sequence parallelism, colocated: it fits 80
+    GiB in every phase (require_fit would fail the run otherwise)."""
     report = tmp_path / "report.json"
     proc = run(["-m", "megatron_spo", "train", "--config", "examples/qwen3_8b_dapo/spo.yaml", "--dry-run",
-                "dry_run.nodes=1", "dry_run.gpus_per_node=8", f"dry_run.report_file={report}"])
+                "dry_run.nodes=1", "dry_run.gpus_per_node=8", "dry_run.require_fit=true",
+                f"dry_run.report_file={report}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "memory plan per GPU" in proc.stdout
+    assert "memory plan per GPU" in proc.stdout and "fits: every phase of every role within 80 GiB" in proc.stdout
     hf = json.loads((REPO / "examples/qwen3_8b_dapo/model/config.json").read_text())
-    roles = json.loads(report.read_text())["roles"]
+    written = json.loads(report.read_text())
+    assert written["over_budget"] is None
+    for plan in written["plan"].values():
+        assert set(plan["phases"]) == {"weight sync", "rollout", "training"}
+        assert max(plan["phases"].values()) <= 80 * 2**30
+        # chunked log-probs: no (tokens x V/tp) fp32 buffer (one is 18,432 x 75,968 x 4 B = 5.2 GiB)
+        assert plan["items"]["loss buffers (log-softmax, entropy)"] < 18432 * hf["vocab_size"] // 2 * 4
+    roles = written["roles"]
     assert len(roles) == 2
     for role in roles:
         check_closed_form(role, hf, tp=2, dp=4)

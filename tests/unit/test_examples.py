@@ -128,6 +128,26 @@ def test_dockerfile_pins_a_vllm_the_gpu_extra_accepts():
     assert {".git", ".venv", "runs"} <= set(ignored)
 
 
+def test_transformer_engine_pins_sit_in_megatron_cores_declared_range():
+    """megatron-core declares the Transformer Engine it supports (its `dev` extra); the Dockerfile's
+    TE_VERSION and the `te` extra stay inside it, and flash-attn is not built unless asked for."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    declared = [Requirement(r) for r in md.requires("megatron-core") or []]
+    te = next(r for r in declared if r.name == "transformer-engine")
+    repo = EXAMPLES.parent
+    dockerfile = (repo / "Dockerfile").read_text()
+    pinned = re.search(r"^ARG TE_VERSION=(\S+)$", dockerfile, re.M).group(1)
+    assert te.specifier.contains(pinned, prereleases=True), (pinned, str(te.specifier))
+    extra = re.search(r'"te": \["transformer-engine\[pytorch\]([^"]*)"', (repo / "setup.py").read_text()).group(1)
+    assert SpecifierSet(extra) == te.specifier, (extra, str(te.specifier))
+    assert re.search(r"^ARG FLASH_ATTN_VERSION=$", dockerfile, re.M)
+    assert '"gpu": ["vllm>=0.32,<0.33"]' in (repo / "setup.py").read_text()  # nothing that compiles
+
+
 def _fake_slurm(bin_dir: Path) -> None:
     """`srun` that drops its options and runs the command; `scontrol` that lists two hosts."""
     bin_dir.mkdir()
