@@ -11,7 +11,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
 VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
 
-.PHONY: install install-vllm test test-vllm test-gpu test-fast demo dry-run bench-trl clean
+.PHONY: install install-vllm install-gpu test test-vllm test-gpu test-fast demo dry-run bench-trl clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -42,9 +42,23 @@ test: install
 test-vllm: install-vllm
 	OMP_NUM_THREADS=2 $(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TEST_FILES)
 
-# the GPU smoke suite (tests/gpu): skipped without CUDA; on a GPU node install the CUDA torch first
-test-gpu: install
-	$(PYTHON) -m pytest -q -s tests/gpu
+# the GPU smoke suite (tests/gpu), skipped without CUDA. On a GPU node it gets its own venv with
+# PyPI's torch 2.13.0 (the CUDA build on Linux x86-64); in the Docker image or an NGC container
+# whose python already has CUDA torch: make test-gpu GPU_PYTHON=python
+GPU_VENV ?= .venv-gpu
+GPU_PYTHON ?= $(GPU_VENV)/bin/python
+
+$(GPU_VENV)/.installed: setup.py pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(GPU_VENV)/bin/python -m pip install -q -e ".[dev,rewards,observe]"
+	touch $@
+
+install-gpu: $(GPU_VENV)/.installed
+
+test-gpu: $(if $(filter $(GPU_VENV)/bin/python,$(GPU_PYTHON)),install-gpu)
+	$(GPU_PYTHON) -m pytest -q -s -rs tests/gpu
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow and not distributed"
@@ -57,7 +71,7 @@ dry-run: install
 	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/spo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8 dry_run.require_fit=true
 	$(PYTHON) -m megatron_spo train --config examples/qwen3_8b_dapo/grpo.yaml --dry-run dry_run.nodes=1 dry_run.gpus_per_node=8 dry_run.require_fit=true
 	$(PYTHON) -m megatron_spo train --config examples/gpu_node/spo.yaml --dry-run dry_run.require_fit=true
-	$(PYTHON) -m megatron_spo train --config examples/multinode/spo.yaml --dry-run dry_run.nodes=2 dry_run.require_fit=true
+	$(PYTHON) -m megatron_spo train --config examples/multinode/spo.yaml --dry-run dry_run.nodes=4 dry_run.require_fit=true
 
 # bench/vs_trl.py against TRL's GRPOTrainer: TRL gets its own venv (it brings its own transformers);
 # the bench itself runs in .venv and drives TRL there as a subprocess. BENCH_TRL_ARGS=--quick for a smoke run.
@@ -76,4 +90,4 @@ bench-trl: install $(TRL_VENV)/.installed
 	$(PYTHON) bench/vs_trl.py --trl-python $(TRL_VENV)/bin/python $(BENCH_TRL_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) $(GPU_VENV) runs build *.egg-info

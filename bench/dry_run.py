@@ -35,11 +35,12 @@ RUNS = {
 # verl's SPO recipe runs on FSDP)
 VERL = [
     ("placement", "actor and vLLM colocated on every GPU (hybrid_engine: true)", "colocated, every rank (same)"),
-    ("actor parallelism", "TP 2 x PP 2 (7B); sequence_parallel true by default", "TP 2 x PP 1, sequence parallel off"),
+    ("actor parallelism", "TP 2 x PP 2 (7B); sequence_parallel true by default",
+     "TP 2 x PP 1, sequence parallel on (parallel.sequence_parallel, default on at TP > 1)"),
     ("offload during rollout", "param / grad / optimizer offload=True in the 7B seq-balance and VL-8B scripts",
-     "none yet (GPU readiness II)"),
+     "params, grads, optimizer state (+ the reference, the bridge's gather buffers): rollout.offload_actor"),
     ("engine memory", "gpu_memory_utilization 0.6 (7B), 0.7 (VL-8B); vLLM sleep level 2 + wake_up(weights) then "
-     "wake_up(kv_cache) around the sync", "0.5, never put to sleep"),
+     "wake_up(kv_cache) around the sync", "0.5; sleep level 2, wake_up(weights) then wake_up(kv_cache) (same order)"),
     ("activation recompute", "full / uniform / 1 layer where long sequences are trained (VL-8B, LoRA)",
      "full / uniform / 1 layer (parallel.recompute: full)"),
     ("token budget per GPU", "ppo_max_token_len_per_gpu 12000 (7B), 4096 (VL-8B); prompt 1024 + response 1024-2048",
@@ -67,8 +68,8 @@ def main() -> None:
             report, wall = dry_run(config, overrides, Path(tmp) / "report.json")
             print(f"\n## {name}: {wall:.0f} s wall")
             print("| rank | role | build s | step s | step / build | params | grads | optimizer | activations "
-                  "| loss buffers | phase rollout | phase training |")
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "| loss buffers | phase weight sync | phase rollout | phase training |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for role in report["roles"]:
                 plan = report["plan"][str(role["rank"])]
                 items, phases = plan["items"], plan["phases"]
@@ -77,10 +78,10 @@ def main() -> None:
                 print(f"| {role['rank']} | {role['role']} | {s['build']:.1f} | {s['step']:.1f} | "
                       f"{s['step'] / max(s['build'], 1e-9):.2f}x | {pick('parameters'):.1f} | {pick('gradients'):.1f} | "
                       f"{pick('optimizer'):.1f} | {pick('activations'):.1f} | {pick('loss buffers'):.1f} | "
-                      f"{phases['rollout'] / GIB:.1f} | {phases['training'] / GIB:.1f} |")
+                      f"{phases['weight sync'] / GIB:.1f} | {phases['rollout'] / GIB:.1f} | {phases['training'] / GIB:.1f} |")
             print(f"verdict: {report['over_budget'] or 'fits'}")
     print("\n## beside verl's published Megatron + vLLM settings (7B/8B class, one 8-GPU node)")
-    print("| | verl | megatron-spo qwen3_8b_dapo today |")
+    print("| | verl | megatron-spo qwen3_8b_dapo |")
     print("|---|---|---|")
     for what, verl, ours in VERL:
         print(f"| {what} | {verl} | {ours} |")

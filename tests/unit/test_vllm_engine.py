@@ -106,6 +106,21 @@ def test_stop_token_stop_string_length_and_continuation(engine, prompts):
     assert continued.token_ids == ids[5:12]
 
 
+def test_sleep_then_wake_weights_then_kv_cache(engine, prompts):
+    """Colocation's order: generate is refused until both the weights and the KV cache are awake
+    (on vLLM's CPU build sleep mode is off, so only the bookkeeping runs; the GPU smoke suite
+    exercises the real sleep), and greedy output is unchanged after it."""
+    before = generate_one(engine, prompts[1], temperature=0.0, max_tokens=8).completions[0].token_ids
+    engine.sleep(level=2)
+    engine.wake_up(["weights"])
+    with pytest.raises(RuntimeError, match="asleep"):
+        generate_one(engine, prompts[1], temperature=0.0, max_tokens=8)
+    engine.wake_up(["kv_cache"])
+    assert generate_one(engine, prompts[1], temperature=0.0, max_tokens=8).completions[0].token_ids == before
+    with pytest.raises(ValueError, match="tags"):
+        engine.wake_up(["kv"])
+
+
 def test_hf_and_vllm_engines_agree(engine, model_dir, prompts):
     """Same greedy ids, same stop-string cut, same logprobs, through the one interface."""
     hf_engine = make_engine(EngineConfig(model=str(model_dir)))
