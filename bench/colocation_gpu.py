@@ -25,20 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def _run(rank, world_size, overrides, steps):
     import torch
+    from helpers import probe_at_generate
 
     from megatron_spo.config import from_dict
     from megatron_spo.training.config import TrainConfig
     from megatron_spo.training.trainer import Trainer
 
     trainer = Trainer(from_dict(TrainConfig, {**overrides, "total_steps": steps}))
-    at_generate = []
-    generate = trainer.engine.generate
-
-    def recording_generate(requests):
-        at_generate.append(torch.cuda.memory_allocated())
-        return generate(requests)
-
-    trainer.engine.generate = recording_generate
+    at_generate = probe_at_generate(trainer.engine, torch.cuda.memory_allocated)
     torch.cuda.reset_peak_memory_stats()
     history = [trainer.train_step() for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated()

@@ -164,3 +164,17 @@ def algorithm_setup(root: Path, name: str) -> dict:
     """`tiny_train_setup` overrides running algorithm `name` with small sampling settings."""
     return merge(tiny_train_setup(root), {**ALGORITHM_OVERRIDES[name], "algorithm": {
         **ALGORITHM_OVERRIDES[name].get("algorithm", {}), "name": name}})
+
+
+def probe_at_generate(engine, probe) -> list:
+    """Wrap `engine.generate` so each call first appends `probe()` to the returned list (what the
+    trainer holds while the engine generates, in the colocation tests and bench)."""
+    readings = []
+    generate = engine.generate
+
+    def recording_generate(requests):
+        readings.append(probe())
+        return generate(requests)
+
+    engine.generate = recording_generate
+    return readings

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import algorithm_setup, merge, tiny_train_setup
+from helpers import algorithm_setup, merge, probe_at_generate, tiny_train_setup
 
 pytestmark = pytest.mark.distributed
 
@@ -20,14 +20,8 @@ def _run(rank, world_size, overrides, steps):
 
     trainer = Trainer(from_dict(TrainConfig, {**overrides, "total_steps": steps}))
     actor_storages = [p.untyped_storage() for chunk in trainer.actor.chunks for p in chunk.parameters()]
-    at_generate = []
-    generate = trainer.engine.generate
-
-    def recording_generate(requests):  # what the actor holds while the engine generates
-        at_generate.append(sum(s.nbytes() for s in {s._cdata: s for s in actor_storages}.values()))
-        return generate(requests)
-
-    trainer.engine.generate = recording_generate
+    distinct = {s._cdata: s for s in actor_storages}.values()
+    at_generate = probe_at_generate(trainer.engine, lambda: sum(s.nbytes() for s in distinct))
     history, events = [], []
     for _ in range(steps):
         history.append({k: v for k, v in trainer.train_step().items() if not k.startswith("perf/")})

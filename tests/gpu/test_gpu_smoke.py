@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from helpers import algorithm_setup, merge, tiny_train_setup
+from helpers import algorithm_setup, merge, probe_at_generate, tiny_train_setup
 
 pytestmark = [
     pytest.mark.gpu,
@@ -130,14 +130,7 @@ def _colocated_on_gpu(rank, world_size, overrides):
     offloaded = torch.cuda.memory_allocated()
     actor.onload()
     after = _snapshot(trainer)
-    at_generate = []
-    generate = trainer.engine.generate
-
-    def recording_generate(requests):
-        at_generate.append(torch.cuda.memory_allocated())
-        return generate(requests)
-
-    trainer.engine.generate = recording_generate
+    at_generate = probe_at_generate(trainer.engine, torch.cuda.memory_allocated)
     history = [trainer.train_step(), trainer.train_step()]
     events = list(trainer.colocation.events)
     trainer.close()
