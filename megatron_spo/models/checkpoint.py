@@ -77,6 +77,36 @@ def _broadcast_path(path: Path | None, parallel: ParallelContext) -> Path:
     return Path(holder[0])
 
 
+def _writer_helpers_die_with_us() -> None:
+    """megatron-core's checkpoint writer keeps a module-global results queue served by a
+    `multiprocessing` Manager process (spawned at the first save, living as long as this one).
+    Killed, this process would leave that server (and multiprocessing's resource tracker, which
+    waits for it) running for good. Start the server ourselves, before the first save, with
+    Linux's parent-death signal set in it, so it dies with this process; then the tracker sees
+    its last writer go and exits too. Elsewhere nothing changes."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    _writer_helpers_die_with_us.manager = manager  # the queue's server lives as long as we do
+
+
+def _die_with_parent() -> None:
+    """In a child process: SIGKILL it when its parent dies (prctl PR_SET_PDEATHSIG; Linux)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def save_mcore_checkpoint(
     chunks: Sequence[torch.nn.Module],
     parallel: ParallelContext,
@@ -100,6 +130,7 @@ def save_mcore_checkpoint(
         (tmp / MODEL_SUBDIR).mkdir(parents=True)
     tmp = _broadcast_path(tmp, parallel)
     try:
+        _writer_helpers_die_with_us()
         dist_checkpointing.save(_sharded_state_dict(chunks), str(tmp / MODEL_SUBDIR))
         if parallel.world_size > 1:
             torch.distributed.barrier()
@@ -208,6 +239,7 @@ def save_optimizer_checkpoint(optimizer, chunks: Sequence[torch.nn.Module], para
         out_dir.mkdir(parents=True)
     if parallel.world_size > 1:
         torch.distributed.barrier()
+    _writer_helpers_die_with_us()
     dist_checkpointing.save(optimizer_sharded_state_dict(optimizer, chunks, is_loading=False), str(out_dir))
 
 

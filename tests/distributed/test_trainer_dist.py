@@ -144,8 +144,10 @@ def test_other_spos_one_step_at_tp2_equals_tp1(spawn, tmp_path, algorithm):
             _assert_same(single, res, f"{algorithm} TP={tp} PP={pp} rank {rank}")
 
 
-def test_kill_during_checkpoint_write_is_ignored_on_resume(tmp_path):
-    """SIGKILL while step 2's checkpoint is being written; the resume starts from step 1's."""
+@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_kill_during_checkpoint_write_is_ignored_on_resume(tmp_path, kill):
+    """A kill while step 2's checkpoint is being written: no process the run started outlives it
+    (the checkpoint writer's helpers die with it) and the resume starts from step 1's."""
     base = tiny_train_setup(tmp_path)
     config = {**base, "run_dir": str(tmp_path / "run"), "total_steps": 2, "checkpoint": {"every_steps": 1}}
     path = tmp_path / "train.yaml"
@@ -159,8 +161,14 @@ def test_kill_during_checkpoint_write_is_ignored_on_resume(tmp_path):
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert marker.exists(), proc.stdout.read() if proc.poll() is not None else "no checkpoint started"
-    proc.send_signal(signal.SIGKILL)
+    import psutil
+
+    started = psutil.Process(proc.pid).children(recursive=True)  # the checkpoint writer's helpers
+    assert started, "the run started no helper process (the check below would prove nothing)"
+    proc.send_signal(kill)
     proc.wait()
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, f"outlived the killed run: {[(p.pid, ' '.join(p.cmdline())[:80]) for p in alive]}"
     from megatron_spo.training.trainer import complete_checkpoints
 
     complete = complete_checkpoints(tmp_path / "run" / "checkpoints")
