@@ -70,6 +70,11 @@ def load_prompts(files: list[str], prompt_key: str, answer_key: str, tokenizer, 
                answer=str(field(records[b.index], answer_key)))
         for b in built.prompts
     ]
+    if not prompts:  # nothing to train on: say so, instead of drawing from an empty pool forever
+        raise UserError(
+            f"data.train_files: all {len(records)} prompts of {', '.join(files)} were skipped: longer than "
+            f"data.prompt.max_prompt_tokens={prompt_config.max_prompt_tokens} tokens (raise it, or set "
+            f"data.prompt.overlong=truncate)")
     return prompts, len(built.skipped)
 
 
@@ -118,6 +123,11 @@ class Trainer:
             self.prompts, skipped = load_prompts(cfg.data.train_files, cfg.data.prompt_key, cfg.data.answer_key,
                                                  self.tokenizer, cfg.data.prompt)
         self.prompts_skipped = skipped
+        if skipped and par.rank == 0:
+            print(f"data: {skipped} of {skipped + len(self.prompts)} prompts skipped: longer than "
+                  f"data.prompt.max_prompt_tokens={cfg.data.prompt.max_prompt_tokens}", flush=True)
+        if not self.prompts:
+            raise UserError("no training prompts: the data (or TrainerParts.prompts) is empty")
         spec, chunks, bridge = load_model(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed,
                                           recompute=cfg.parallel.recompute,
                                           sequence_parallel=cfg.parallel.sequence_parallel_enabled)
