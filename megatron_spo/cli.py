@@ -48,3 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"megatron-spo {verb}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line saying where it stopped, the shell's 130
+        print(f"megatron-spo {verb}: interrupted" + (f" {err}" if str(err) else ""), file=sys.stderr)
+        return 130

@@ -51,8 +51,19 @@ def main(argv: list[str]) -> int:
     from megatron_spo.training.trainer import Trainer
 
     trainer = Trainer(config)
+    interrupted = False
     try:
-        last = trainer.fit()
+        try:
+            last = trainer.fit()
+        except KeyboardInterrupt:
+            interrupted = True
+            from megatron_spo.training.trainer import complete_checkpoints
+
+            done = complete_checkpoints(Path(config.run_dir) / "checkpoints")
+            raise KeyboardInterrupt(
+                f"during step {trainer.step + 1}; " + (f"the last complete checkpoint is {done[-1]} (the same "
+                                                       f"command resumes from it)" if done else
+                                                       "no checkpoint was complete yet")) from None
         if config.checkpoint.export_hf and not args.no_export:
             out = trainer.export_hf(Path(config.run_dir) / "hf")
             if trainer.is_main:
@@ -60,6 +71,7 @@ def main(argv: list[str]) -> int:
         if trainer.is_main and last:
             print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()) if "/" in k), file=sys.stderr)
     finally:
-        trainer.close()
-        platform.destroy_distributed()
+        if not interrupted:  # an interrupted rank may be inside a collective its peers left
+            trainer.close()
+            platform.destroy_distributed()
     return 0

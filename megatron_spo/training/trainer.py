@@ -111,6 +111,7 @@ class Trainer:
         self.parallel = par = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
         self.is_main = par.rank == 0
         self.run_dir = Path(cfg.run_dir)
+        self._lock = self._lock_run_dir()
         self.n = cfg.rollout.n or 1
         dtype = platform.resolve_dtype(cfg.model.dtype)
         load_model = parts.load_model or load_pretrained
@@ -166,6 +167,24 @@ class Trainer:
         self.logger = self._make_logger()
 
     # ------------------------------------------------------------------ setup
+
+    def _lock_run_dir(self):
+        """Rank 0 locks the run directory for this run (`training.run_lock`); every rank learns
+        the outcome, so a second run on the same directory stops with one line on all of them."""
+        from megatron_spo.training.run_lock import RunDirLock
+
+        lock, holder = None, None
+        if self.is_main:
+            lock = RunDirLock(self.run_dir)
+            holder = lock.acquire()
+        if self.parallel.world_size > 1:
+            box = [holder]
+            torch.distributed.broadcast_object_list(box, src=0, group=self.parallel.host_group)
+            holder = box[0]
+        if holder:
+            raise UserError(f"run_dir {self.run_dir} is in use by another run ({holder}): wait for it to end, "
+                            f"or give this run another run_dir")
+        return lock
 
     def _colocation(self):
         from megatron_spo.training.colocation import Colocation
@@ -895,6 +914,8 @@ class Trainer:
         self.logger.close()
         self.scorer.close()
         self.engine.shutdown()
+        if self._lock is not None:
+            self._lock.release()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
