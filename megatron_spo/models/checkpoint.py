@@ -77,6 +77,9 @@ def _broadcast_path(path: Path | None, parallel: ParallelContext) -> Path:
     return Path(holder[0])
 
 
+_WRITER_MANAGER = None  # the Manager serving megatron-core's writer results queue, kept for our lifetime
+
+
 def _writer_helpers_die_with_us() -> None:
     """megatron-core's checkpoint writer keeps a module-global results queue served by a
     `multiprocessing` Manager process (spawned at the first save, living as long as this one).
@@ -89,12 +92,12 @@ def _writer_helpers_die_with_us() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    global _WRITER_MANAGER
     if filesystem_async._results_queue is not None:
         return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_die_with_parent)
-    filesystem_async._results_queue = manager.Queue()
-    _writer_helpers_die_with_us.manager = manager  # the queue's server lives as long as we do
+    _WRITER_MANAGER = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _WRITER_MANAGER.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = _WRITER_MANAGER.Queue()
 
 
 def _die_with_parent() -> None:

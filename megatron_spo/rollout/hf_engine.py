@@ -38,6 +38,8 @@ from megatron_spo.rollout.types import (
     GenerationResult,
     RolloutEngine,
     SamplingParams,
+    check_sleep_level,
+    wake_tags,
 )
 
 logger = logging.getLogger(__name__)
@@ -321,18 +323,15 @@ class HFEngine(RolloutEngine):
         machine they are already there). Both levels keep the host copy: this engine is for small
         models, and a level-2 caller re-syncs the weights anyway. The KV cache lives only inside
         `generate`, so there is none to free. `generate` is refused until the weights are awake."""
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        check_sleep_level(level)
         if not self._asleep:
             self.model.to(platform.host_device())
             platform.release_cached_memory()
         self._asleep = True
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        unknown = set(tags or ()) - {"weights", "kv_cache"}
-        if unknown:
-            raise ValueError(f"wake_up tags must be 'weights' or 'kv_cache', got {sorted(unknown)}")
-        if self._asleep and (tags is None or "weights" in tags):
+        wanted = wake_tags(tags)  # checked also when awake
+        if self._asleep and "weights" in wanted:
             self.model.to(self.device)
             self._asleep = False
 

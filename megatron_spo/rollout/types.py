@@ -103,6 +103,23 @@ class Sample:
             )
 
 
+MEMORY_TAGS = frozenset({"weights", "kv_cache"})
+"""What an engine's `wake_up` can regain, vLLM's names."""
+
+
+def check_sleep_level(level: int) -> None:
+    if level not in (1, 2):
+        raise ValueError(f"sleep level must be 1 or 2, got {level}")
+
+
+def wake_tags(tags: Sequence[str] | None) -> set[str]:
+    """The tags a `wake_up(tags)` asks for (None: all), each checked."""
+    wanted = set(MEMORY_TAGS if tags is None else tags)
+    if wanted - MEMORY_TAGS:
+        raise ValueError(f"wake_up tags must be 'weights' or 'kv_cache', got {sorted(wanted)}")
+    return wanted
+
+
 class RolloutEngine(abc.ABC):
     """What the trainer needs from an inference engine."""
 

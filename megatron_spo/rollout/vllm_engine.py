@@ -41,7 +41,15 @@ import torch
 from megatron_spo import platform
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.engine import EngineConfig
-from megatron_spo.rollout.types import Completion, GenerationRequest, GenerationResult, RolloutEngine
+from megatron_spo.rollout.types import (
+    MEMORY_TAGS,
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    check_sleep_level,
+    wake_tags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -192,17 +200,13 @@ class VLLMEngine(RolloutEngine):
         """vLLM's sleep where sleep mode is on (GPU with `enable_sleep_mode`): level 1 offloads
         the weights and drops the KV cache, level 2 drops both. Elsewhere vLLM cannot sleep
         (its CuMem allocator is CUDA's): only `generate` is refused until both are awake."""
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        check_sleep_level(level)
         if self.config.enable_sleep_mode and not self._asleep_tags:
             self.llm.sleep(level=level)
-        self._asleep_tags = {"weights", "kv_cache"}
+        self._asleep_tags = set(MEMORY_TAGS)
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
-        wanted = {"weights", "kv_cache"} if tags is None else set(tags)
-        if wanted - {"weights", "kv_cache"}:
-            raise ValueError(f"wake_up tags must be 'weights' or 'kv_cache', got {sorted(wanted)}")
-        waking = wanted & self._asleep_tags
+        waking = wake_tags(tags) & self._asleep_tags
         if self.config.enable_sleep_mode and waking:
             self.llm.wake_up(tags=sorted(waking))
         self._asleep_tags -= waking
@@ -220,4 +224,4 @@ class VLLMEngine(RolloutEngine):
         import gc
 
         gc.collect()
-        self._asleep_tags = {"weights", "kv_cache"}
+        self._asleep_tags = set(MEMORY_TAGS)
