@@ -35,7 +35,7 @@ _BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 def boxed_reward(completions: list[str], answer: list[str], **_) -> list[float]:
     """1.0 when the last \\boxed{...} of the completion equals the answer exactly, else 0.0.
 
-    The same check as megatron_spo.training.demo_data.is_correct (this venv cannot import it).
+    The same check as megatron_spo.demo.task.is_correct (this venv cannot import it).
     """
     rewards = []
     for text, truth in zip(completions, answer):
@@ -125,7 +125,7 @@ def main() -> None:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        beta=0.0,  # no reference model, as the trainer's loss.kl_coef 0
+        beta=0.0,  # no reference model, as the trainer's algorithm.grpo.loss.kl_coef 0
         epsilon=0.2,
         epsilon_high=0.28,  # the trainer's clip 0.2 / 0.28
         loss_type="dapo",  # token mean over the global batch, as the trainer's token-mean

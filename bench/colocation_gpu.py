@@ -1,7 +1,7 @@
 """Colocation on one GPU: the colocated step against the resident step, same model, same run.
 
 Colocated: the engine sleeps while the actor trains and the actor's weights, gradients and Adam
-state sit in pinned host memory while the engine generates (`rollout.enable_sleep_mode`,
+state sit in pinned host memory while the engine generates (`rollout.engine.enable_sleep_mode`,
 `rollout.offload_actor`). Resident: nothing moves. The model is a randomly initialised Qwen3 with
 Qwen3-0.6B's layer shape (hidden 1024, 16 query / 8 KV heads of 128, MLP 3072) and a small
 vocabulary; the engine is the hf engine on the GPU. Prints, per mode, the median step seconds,
@@ -66,7 +66,7 @@ def main() -> None:
         base = {
             "model": {"hf_dir": str(model), "dtype": "bfloat16"},
             "data": {"train_files": [str(data)]},
-            "rollout": {"max_response_tokens": 128, "dtype": "bfloat16", "reward": {"pool": "inline"}},
+            "rollout": {"max_response_tokens": 128, "engine": {"dtype": "bfloat16"}, "reward": {"pool": "inline"}},
             "batch": {"train_batch_size": 32, "mini_batch_size": 32, "micro_batch_size": 8,
                       "max_tokens_per_micro_batch": 4096},
             "optimizer": {"lr": 1e-6},
@@ -75,8 +75,9 @@ def main() -> None:
             "logging": {"tensorboard": False, "progress_bar": False},
         }
         results = {}
-        for mode, rollout in (("resident", {}), ("colocated", {"enable_sleep_mode": True, "offload_actor": True})):
-            overrides = {**base, "run_dir": str(tmp / mode), "rollout": {**base["rollout"], **rollout}}
+        for mode, rollout in (("resident", {}), ("colocated", {"offload_actor": True})):
+            engine = {**base["rollout"]["engine"], "enable_sleep_mode": mode == "colocated"}
+            overrides = {**base, "run_dir": str(tmp / mode), "rollout": {**base["rollout"], **rollout, "engine": engine}}
             (results[mode],) = distributed_run(1, _run, overrides, args.steps, workdir=tmp, timeout_s=900)
 
     gib = 2**30

@@ -34,7 +34,8 @@ from megatron_spo.rollout.prompts import build_prompts  # noqa: E402
 from megatron_spo.rollout.rewards import RewardConfig  # noqa: E402
 from megatron_spo.rollout.scoring import ScoringPool  # noqa: E402
 from megatron_spo.rollout.types import GenerationRequest  # noqa: E402
-from megatron_spo.training.eval_cli import EvalSettings, evaluate  # noqa: E402
+from megatron_spo.rollout.prompts import PromptConfig  # noqa: E402
+from megatron_spo.training.evaluation import EvalConfig, evaluate  # noqa: E402
 
 DEFAULT_MODEL = REPO / "runs/cpu_example/assets/sft"
 DEFAULT_DATA = REPO / "runs/cpu_example/assets/data/val.jsonl"
@@ -63,19 +64,19 @@ def main() -> None:
     if args.model is None and DEFAULT_MODEL.is_dir() and DEFAULT_DATA.is_file():
         args.model, args.data = str(DEFAULT_MODEL), str(DEFAULT_DATA)
     if args.model is None:
-        from megatron_spo.training.demo_data import DemoTaskConfig, generate_splits, write_jsonl
+        from megatron_spo.demo.task import DemoTaskConfig, generate_splits, write_jsonl
         from tiny_models import make_tiny_model
 
         args.model = str(make_tiny_model(Path(tmp.name) / "model", "llama", seed=0))
         args.data = str(write_jsonl(generate_splits(DemoTaskConfig())["val"], Path(tmp.name) / "val.jsonl"))
     records = load_records(args.data)[: args.prompts]
-    settings = EvalSettings(n=args.n, max_tokens=args.max_tokens)
-    settings.prompt.max_prompt_tokens = 256
+    settings = EvalConfig(n=args.n, max_response_tokens=args.max_tokens)
+    prompt = PromptConfig(max_prompt_tokens=256)
     engine = make_engine(EngineConfig(model=args.model))
     tokenizer = engine.tokenizer
 
     def generate_only():
-        prompts = build_prompts([r["prompt"] for r in records], tokenizer, settings.prompt).prompts
+        prompts = build_prompts([r["prompt"] for r in records], tokenizer, prompt).prompts
         requests = [GenerationRequest(prompt_token_ids=p.token_ids, params=settings.sampling(p.index)) for p in prompts]
         out = []
         for start in range(0, len(requests), settings.prompts_per_call):
@@ -86,8 +87,10 @@ def main() -> None:
     pool = ScoringPool(RewardConfig())  # started outside the timing, as the trainer keeps one
     cases = {
         "engine.generate (baseline)": generate_only,
-        "evaluate(), inline grader": lambda: evaluate(engine, tokenizer, records, settings, reward=inline),
-        "evaluate(), ScoringPool 2 processes": lambda: evaluate(engine, tokenizer, records, settings, pool=pool),
+        "evaluate(), inline grader": lambda: evaluate(engine, tokenizer, records, settings, prompt=prompt,
+                                                      reward=inline),
+        "evaluate(), ScoringPool 2 processes": lambda: evaluate(engine, tokenizer, records, settings, prompt=prompt,
+                                                                pool=pool),
     }
     results = generate_only()  # warm-up (allocator, first-call costs), untimed
     tokens = sum(len(c.token_ids) for r in results for c in r.completions)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from megatron_spo.rollout.engine import EngineConfig, make_engine  # noqa: E402
 from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams  # noqa: E402
-from megatron_spo.training.algorithms.digit_task import (  # noqa: E402
+from megatron_spo.testing.digit_task import (  # noqa: E402
     DigitPolicy,
     DigitTaskEngine,
     digit_reward,

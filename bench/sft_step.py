@@ -39,15 +39,17 @@ def main() -> None:
     from megatron_spo import platform
     from megatron_spo.models.checkpoint import load_pretrained
     from megatron_spo.training.actor import Actor, lm_loss
-    from megatron_spo.training.demo_data import DemoTaskConfig, build_demo_assets
+    from megatron_spo.demo.assets import build_demo_assets
+    from megatron_spo.demo.task import DemoTaskConfig
     from megatron_spo.training.sft import (
-        SFTConfig, optimizer_settings, build_dataset, load_tokenizer, make_microbatches, step_indices,
+        SFTConfig, SFTOptimizerConfig, build_dataset, load_tokenizer, make_microbatches, step_indices,
     )
 
     tmp = tempfile.mkdtemp(prefix="bench_sft_")
     assets = build_demo_assets(tmp, DemoTaskConfig(num_train=50, num_val=50, num_sft=1000))
     config = SFTConfig(model=str(assets.model_dir), data_files=[str(assets.sft_jsonl)], out=f"{tmp}/out",
-                       lr=1e-3, global_batch_size=args.batch, micro_batch_size=args.batch, schedule="constant")
+                       optimizer=SFTOptimizerConfig(lr=1e-3, schedule="constant"), global_batch_size=args.batch,
+                       micro_batch_size=args.batch)
     tokenizer = load_tokenizer(assets.model_dir)
     dataset = build_dataset(config, tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -58,7 +60,7 @@ def main() -> None:
 
     parallel = platform.init_distributed(1, 1)
     spec, chunks, bridge = load_pretrained(assets.model_dir, parallel)
-    actor = Actor(spec, chunks, bridge, parallel, optimizer_settings(config, total))
+    actor = Actor(spec, chunks, bridge, parallel, config.optimizer, total_steps=total)
     hf_model = AutoModelForCausalLM.from_pretrained(assets.model_dir, dtype=torch.float32)
     hf_model.train()
     hf_optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-3, weight_decay=0.0)

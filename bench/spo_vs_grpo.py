@@ -98,7 +98,7 @@ def warm_start(args, settings: BenchSettings, out: Path, env) -> tuple[Path, Pat
     """(SFT model dir, data dir holding train.jsonl / val.jsonl): given, or made like the demo does."""
     if args.sft is not None:
         return args.sft, args.data_dir
-    from megatron_spo.training.demo_data import build_demo_assets
+    from megatron_spo.demo.assets import build_demo_assets
 
     assets = build_demo_assets(out / "assets")
     sft_dir = out / "sft"
@@ -120,10 +120,10 @@ def run_config(algorithm: str, settings: BenchSettings, sft: Path, train: Path, 
         "run_dir": str(run_dir),
         "seed": seed,
         "total_steps": total_steps,
-        "algorithm": {"name": algorithm},
+        # algorithm.spo.gen_batch_size is SPO's sampling pool (the demo's 256); GRPO takes the next prompts in order
+        "algorithm": {"name": algorithm, "spo": {"gen_batch_size": max(256, prompts)}},
         "rollout": {"n": n, "max_response_tokens": settings.max_response_tokens, "reward": {"pool": "inline"}},
-        # gen_batch_size is SPO's sampling pool (the demo's 256); GRPO takes the next prompts in order
-        "batch": {"train_batch_size": prompts, "gen_batch_size": max(256, prompts),
+        "batch": {"train_batch_size": prompts,
                   "mini_batch_size": settings.mini_batch_sequences // n,
                   "micro_batch_size": settings.mini_batch_sequences, "max_tokens_per_micro_batch": None},
         "optimizer": {"lr": settings.lr, "weight_decay": 0.0},
@@ -236,9 +236,9 @@ def plot(runs: dict[str, dict], path: Path, title: str, labels: dict[str, str] |
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic.open_for_write(path) as fh:
+        fig.savefig(fh, format="png")
+    plt.close(fig)
 
 
 def main() -> None:

@@ -118,7 +118,7 @@ def warm_start(args, settings: BenchSettings, out: Path, env) -> tuple[Path, Pat
     """(SFT model dir, data dir holding train.jsonl): given, or made as the demo makes them."""
     if args.sft is not None:
         return args.sft, args.data_dir
-    from megatron_spo.training.demo_data import build_demo_assets
+    from megatron_spo.demo.assets import build_demo_assets
 
     assets = build_demo_assets(out / "assets")
     sft_dir = out / "sft"
@@ -152,15 +152,14 @@ def ours_config(settings: BenchSettings, sft: Path, train: Path, run_dir: Path, 
         "run_dir": str(run_dir),
         "seed": seed,
         "total_steps": settings.warmup + settings.steps,
-        "algorithm": {"name": "grpo"},
+        "algorithm": {"name": "grpo"},  # GRPO reads no sampling pool: the next prompts in order
         "rollout": {"n": settings.n, "max_response_tokens": settings.max_response_tokens,
                     "temperature": 1.0, "top_p": 1.0, "top_k": -1,
                     # the boxed-answer check, graded in this process like TRL's reward function
                     # (math-verify only changes non-integer answers, and this task has none)
                     "reward": {"pool": "inline", "math_verify": False}},
         # one optimizer step on all 16 x 8 sequences; micro-batching is the trainer's default
-        "batch": {"train_batch_size": settings.prompts, "gen_batch_size": 256,
-                  "mini_batch_size": settings.prompts},
+        "batch": {"train_batch_size": settings.prompts, "mini_batch_size": settings.prompts},
         "optimizer": {"lr": settings.lr, "weight_decay": 0.0},
         "checkpoint": {"every_steps": 0, "keep_last": 1},
         "logging": {"tensorboard": False, "progress_bar": False},

@@ -3,7 +3,8 @@
 Everything megatron-spo writes for later use (checkpoints, converted models, offline values,
 configs, summaries) goes through here: content is written under a hidden temporary name beside
 the target and renamed into place at the end, so a crash or a kill leaves nothing that a later run
-would mistake for a finished output.
+would mistake for a finished output. Files and directories get the permissions the umask gives
+any new file (0644 / 0755 under the usual 022), not a private temporary's.
 """
 
 from __future__ import annotations
@@ -14,22 +15,39 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def open_for_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file whose content appears at `path`, complete, when the block exits normally.
+
+    The handle writes a hidden sibling that is fsynced and renamed over `path` at the end; an
+    exception in the block (or a kill) leaves any earlier file at `path` as it was and no temporary
+    behind (a kill may leave the hidden `.name.tmp-*` file, never a partial `path`). For writers
+    that stream, e.g. `np.savez(fh, ...)`, `Dataset.to_parquet(fh)` or `fig.savefig(fh)`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    # O_EXCL: the temporary is ours alone. Mode 0o666 lets the umask decide, as open() does, so the
+    # output gets the permissions any other file would (tempfile.mkstemp's 0o600 would make every
+    # output readable by its writer only).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with open_for_write(path) as fh:
+        fh.write(data)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -21,7 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sft": ("megatron_spo.training.sft_cli", "supervised warm start on prompt/response pairs"),
     "eval": ("megatron_spo.training.eval_cli", "accuracy, pass@k and maj@k of an HF model"),
     "plot": ("megatron_spo.training.plot_cli", "PNG curves from a run directory"),
-    "demo": ("megatron_spo.training.demo", "the embedded end-to-end job on a tiny model"),
+    "demo": ("megatron_spo.demo.cli", "the embedded end-to-end job on a tiny model"),
 }
 
 

@@ -18,16 +18,24 @@ about the trainer and works for any dataclass tree.
 Accepted conversions, and only these: int -> float (YAML writes `1` for one), a string that
 spells a float -> float (PyYAML reads `1e-6` without a dot as a string, a YAML 1.1 quirk),
 str -> pathlib.Path, list -> tuple. Booleans are never numbers and numbers never strings.
+
+Two field kinds beyond the plain one:
+- a field declared with `metadata=SET_BY_CALLER` is filled in by the program (an engine's model
+  directory comes from `model.hf_dir`): files and overrides cannot set it and saved configs leave
+  it out, so each setting has exactly one key;
+- the root class may carry `MOVED: ClassVar[dict[str, str | tuple[str, ...]]]`, old dotted key ->
+  new one(s). An old key in a file or an override is refused with one line naming its new place
+  (`'spo.rho_mode' moved to 'algorithm.spo.rho_mode'`); a key that maps a whole old section moves
+  every key under it. An entry whose old key is still a section (`rollout.engine`) applies only
+  when a plain value is given where that section now is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -36,9 +44,13 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 
 T = TypeVar("T")
+
+SET_BY_CALLER = {"config": False}
+"""Field metadata: the program fills this field in; config files and overrides cannot set it."""
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$|^[+-]?(inf|nan)$", re.IGNORECASE)
 
@@ -77,6 +89,11 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields a config file may set: init fields not marked `SET_BY_CALLER`, in order."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and f.metadata.get("config", True)}
+
+
 class _Mismatch(Exception):
     """Internal: a value does not fit an annotation (turned into a UserError by the caller)."""
 
@@ -92,6 +109,8 @@ def _convert(value: Any, tp: Any, path: str, where: str) -> Any:
 
 
 def _convert_or_mismatch(value: Any, tp: Any, path: str, where: str) -> Any:
+    """`value` converted to annotation `tp`; raises _Mismatch when it does not fit (UserError from
+    deeper levels passes through)."""
     if tp is Any or tp is object:
         return value
     if tp is type(None):
@@ -100,23 +119,8 @@ def _convert_or_mismatch(value: Any, tp: Any, path: str, where: str) -> Any:
         raise _Mismatch
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-
     if origin in (Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        arms = [a for a in args if a is not type(None)]
-        if len(arms) == 1:
-            # `X | None`: convert as X, so a problem deep inside X keeps its precise message
-            return _convert_or_mismatch(value, arms[0], path, where)
-        # First arm that accepts the value wins; arms are tried in the order written.
-        for arm in arms:
-            try:
-                return _convert_or_mismatch(value, arm, path, where)
-            except (_Mismatch, UserError):
-                continue
-        raise _Mismatch
+        return _convert_union(value, args, path, where)
     if origin is Literal:
         # bool is an int subclass: `True` must not match a Literal[1]
         if any(value == a and type(value) is type(a) for a in args):
@@ -128,21 +132,8 @@ def _convert_or_mismatch(value: Any, tp: Any, path: str, where: str) -> Any:
         if isinstance(value, Mapping):
             return from_dict(tp, value, path=path, where=where)
         raise _Mismatch
-    if origin in (list, Sequence) or tp is list:
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        item_tp = args[0] if args else Any
-        return [_convert(v, item_tp, _join(path, i), where) for i, v in enumerate(value)]
-    if origin is tuple or tp is tuple:
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if not args:
-            return tuple(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], _join(path, i), where) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise _Mismatch
-        return tuple(_convert(v, a, _join(path, i), where) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (list, Sequence, tuple) or tp in (list, tuple):
+        return _convert_sequence(value, tp, path, where)
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise _Mismatch
@@ -151,6 +142,49 @@ def _convert_or_mismatch(value: Any, tp: Any, path: str, where: str) -> Any:
             _convert(k, key_tp, _join(path, str(k)), where): _convert(v, val_tp, _join(path, str(k)), where)
             for k, v in value.items()
         }
+    if isinstance(tp, type):
+        return _convert_scalar(value, tp)
+    raise TypeError(f"config annotation {tp!r} at '{path}' is not supported by megatron_spo.config")
+
+
+def _convert_union(value: Any, args: tuple[Any, ...], path: str, where: str) -> Any:
+    """A `Union` / `X | Y` annotation with arms `args`."""
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _Mismatch
+    arms = [a for a in args if a is not type(None)]
+    if len(arms) == 1:
+        # `X | None`: convert as X, so a problem deep inside X keeps its precise message
+        return _convert_or_mismatch(value, arms[0], path, where)
+    # First arm that accepts the value wins; arms are tried in the order written.
+    for arm in arms:
+        try:
+            return _convert_or_mismatch(value, arm, path, where)
+        except (_Mismatch, UserError):
+            continue
+    raise _Mismatch
+
+
+def _convert_sequence(value: Any, tp: Any, path: str, where: str) -> list[Any] | tuple[Any, ...]:
+    """A list / Sequence / tuple annotation: a YAML list (or tuple), never a string or mapping."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+        raise _Mismatch
+    args = typing.get_args(tp)
+    if not (typing.get_origin(tp) is tuple or tp is tuple):
+        item_tp = args[0] if args else Any
+        return [_convert(v, item_tp, _join(path, i), where) for i, v in enumerate(value)]
+    if not args:
+        return tuple(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(v, args[0], _join(path, i), where) for i, v in enumerate(value))
+    if len(value) != len(args):
+        raise _Mismatch
+    return tuple(_convert(v, a, _join(path, i), where) for i, (v, a) in enumerate(zip(value, args)))
+
+
+def _convert_scalar(value: Any, tp: type) -> Any:
+    """A plain class annotation: bool, int, float, str, Path, an Enum, or any other class."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -165,26 +199,20 @@ def _convert_or_mismatch(value: Any, tp: Any, path: str, where: str) -> Any:
         if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
             return float(value)
         raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
     if tp is Path:
         if isinstance(value, (str, Path)):
             return Path(value)
         raise _Mismatch
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+    if issubclass(tp, enum.Enum):
         if isinstance(value, tp):
             return value
         for member in tp:
             if member.value == value:
                 return member
         raise _Mismatch
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise _Mismatch
-    raise TypeError(f"config annotation {tp!r} at '{path}' is not supported by megatron_spo.config")
+    if isinstance(value, tp):  # str and any other class: taken as it is, never converted
+        return value
+    raise _Mismatch
 
 
 # ----------------------------------------------------------------------------- building
@@ -200,7 +228,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "", where: s
         raise TypeError(f"{cls!r} is not a dataclass")
     if not isinstance(data, Mapping):
         raise UserError(f"{where}: '{path or '<top level>'}' must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if not path:
+        check_moved(cls, data, where)
+    fields = config_fields(cls)
     hints = _hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -221,10 +251,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, path: str = "", where: s
             raise UserError(f"{where}: missing required key '{key}' ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
-    except UserError as err:
-        raise UserError(f"{where}: invalid '{path or '<top level>'}': {err}") from None
-    except ValueError as err:
-        raise UserError(f"{where}: invalid '{path or '<top level>'}': {err}") from None
+    except (UserError, ValueError) as err:
+        raise UserError(f"{where}: invalid '{path}': {err}" if path else f"{where}: {err}") from None
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -266,7 +294,7 @@ def _check_override_path(cls: type, parts: list[str], text: str) -> None:
                 return  # free-form mapping: any key below it is the owner's business
             parent = ".".join(parts[:depth])
             raise UserError(f"command-line override {text!r}: '{parent}' is a value, not a section")
-        fields = {f.name for f in dataclasses.fields(current) if f.init}
+        fields = set(config_fields(current))
         if part not in fields:
             section = ".".join(parts[:depth]) or "<top level>"
             key = ".".join(parts[: depth + 1])
@@ -286,11 +314,72 @@ def _strip_optional(tp: Any) -> Any:
     return tp
 
 
+def _schema_kind(cls: type, parts: Sequence[str]) -> str | None:
+    """What dotted key `parts` is in the dataclass tree `cls`: "section" (a dataclass), "value",
+    "free" (inside a free-form mapping) or None (no such key)."""
+    current: Any = cls
+    for part in parts:
+        if not dataclasses.is_dataclass(current):
+            origin = typing.get_origin(current)
+            return "free" if current in (dict, Mapping, Any) or origin in (dict, Mapping) else None
+        if part not in config_fields(current):
+            return None
+        current = _strip_optional(_hints(current)[part])
+    return "section" if dataclasses.is_dataclass(current) else "value"
+
+
+def _moved_message(cls: type, moved: Mapping[str, str | tuple[str, ...]], parts: list[str],
+                   value: Any) -> str | None:
+    """"'old' moved to 'new'" when dotted key `parts` (holding `value`) is an old key of `moved`."""
+    for depth in range(len(parts), 0, -1):
+        old = ".".join(parts[:depth])
+        if old not in moved:
+            continue
+        kind = _schema_kind(cls, parts[:depth])
+        if kind is not None and not (kind == "section" and depth == len(parts) and not isinstance(value, Mapping)):
+            continue  # the old key is still valid here: not a move
+        rest = list(parts[depth:])  # keys below the old one
+        while isinstance(value, Mapping) and value:
+            key = next(iter(value))  # a whole old section: name its first key
+            rest.append(str(key))
+            value = value[key]
+        old_key = ".".join([old, *rest])
+        targets = moved[old]
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        new = [".".join([t, *rest]) for t in targets]
+        return f"'{old_key}' moved to '{new[0]}'" + "".join(f" (or '{n}')" for n in new[1:])
+    return None
+
+
+def check_moved(cls: type, data: Mapping[str, Any], where: str = "config") -> None:
+    """Refuse a key of raw config `data` that `cls.MOVED` lists as moved, naming its new key."""
+    moved = getattr(cls, "MOVED", None)
+    if not moved or not isinstance(data, Mapping):
+        return
+
+    def walk(node: Mapping[str, Any], parts: list[str]) -> None:
+        for key, value in node.items():
+            path = [*parts, str(key)]
+            kind = _schema_kind(cls, path)
+            if kind == "section" and isinstance(value, Mapping):
+                walk(value, path)
+            elif kind is None or (kind == "section" and value is not None):
+                message = _moved_message(cls, moved, path, value)
+                if message:
+                    raise UserError(f"{where}: key {message}")
+
+    walk(data, [])
+
+
 def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of raw config `data` with each `a.b.c=value` override set in it."""
     result = _deep_copy(data)
+    moved = getattr(cls, "MOVED", None) or {}
     for text in overrides:
         parts, value = parse_override(text)
+        message = _moved_message(cls, moved, parts, value)
+        if message:
+            raise UserError(f"command-line override {text!r}: {message}")
         _check_override_path(cls, parts, text)
         node = result
         for part in parts[:-1]:
@@ -316,13 +405,25 @@ def load_config(
     cls: type[T],
     path: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
+    *,
+    values: Mapping[str, Any] | None = None,
 ) -> T:
-    """Build `cls` from an optional YAML file plus dotted overrides (applied in order, last wins)."""
+    """Build `cls` from an optional YAML file, then `values` ({dotted key: value}, set as given, not
+    parsed: a CLI's path flags), then dotted overrides (applied in order, last wins)."""
     data = load_yaml(path) if path is not None else {}
+    source = f"config {str(path)!r}" if path is not None else "config"
+    check_moved(cls, data, source)  # before an override could replace an old section
+    for key, value in (values or {}).items():
+        parts = key.split(".")
+        _check_override_path(cls, parts, key)
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
     data = apply_overrides(cls, data, overrides)
-    where = f"config {str(path)!r}" if path is not None else "config"
-    if overrides:
-        where += " (with command-line overrides)"
+    where = source + (" (with command-line overrides)" if overrides or values else "")
     return from_dict(cls, data, where=where)
 
 
@@ -330,9 +431,10 @@ def load_config(
 
 
 def to_dict(config: Any) -> Any:
-    """Plain-data view of a dataclass tree (paths as strings, tuples as lists): YAML/JSON-ready."""
+    """Plain-data view of a dataclass tree (paths as strings, tuples as lists): YAML/JSON-ready.
+    Holds the keys a config file sets: `SET_BY_CALLER` fields are left out."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+        return {name: to_dict(getattr(config, name)) for name in config_fields(type(config))}
     if isinstance(config, Mapping):
         return {str(k): to_dict(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
@@ -344,27 +446,10 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_config(config: Any, path: str | os.PathLike) -> Path:
     """Write the effective config as YAML (atomically); loading it back gives an equal config."""
     text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
-    write_text_atomic(path, text)
+    atomic.write_text(path, text)
     return Path(path)
 
 
@@ -403,9 +488,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     lines: list[str] = []
     docs = field_docs(cls)
     hints = _hints(cls)
-    for field in dataclasses.fields(cls):
-        if not field.init:
-            continue
+    for field in config_fields(cls).values():
         key = _join(prefix, field.name)
         tp = hints[field.name]
         if dataclasses.is_dataclass(tp):

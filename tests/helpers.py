@@ -131,8 +131,9 @@ def tiny_train_setup(root: Path, *, family: str = "qwen3", prompts: int = 24) ->
         "data": {"train_files": [str(data)], "prompt": {"answer_format_suffix": ""}},
         "rollout": {"max_response_tokens": 8, "temperature": 1.0,
                     "reward": {"pool": "inline", "function": "helpers:parity_reward"}},
-        "batch": {"train_batch_size": 4, "gen_batch_size": 8, "mini_batch_size": 2, "micro_batch_size": 2,
+        "batch": {"train_batch_size": 4, "mini_batch_size": 2, "micro_batch_size": 2,
                   "max_tokens_per_micro_batch": 100},  # dynamic batching: ~2 rows per micro-batch
+        "algorithm": {"spo": {"gen_batch_size": 8}},
         "optimizer": {"lr": 1e-3, "weight_decay": 0.0, "eps": 1e-4},
         "eval": {"every_steps": 0},
         "logging": {"tensorboard": False, "progress_bar": False},

@@ -24,15 +24,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_spo.training.demo_data import (
-    DemoTaskConfig,
-    TinyModelConfig,
-    build_demo_assets,
-    chat_text,
-    encode_sft_example,
-    is_correct,
-    sft_prompt,
-)
+from megatron_spo.demo.assets import TinyModelConfig, build_demo_assets, chat_text, encode_sft_example
+from megatron_spo.demo.task import DemoTaskConfig, is_correct, sft_prompt
 
 
 def encode_sft(tokenizer, records):

@@ -10,18 +10,18 @@ NPROC=${NPROC:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per rank on a 2-core box
 
 if [ ! -f "$ASSETS/model/config.json" ]; then
-    "$PYTHON" -c "from megatron_spo.training.demo_data import build_demo_assets; build_demo_assets('$ASSETS')"
+    "$PYTHON" -c "from megatron_spo.demo.assets import build_demo_assets; build_demo_assets('$ASSETS')"
 fi
 if [ ! -f "$ASSETS/sft/config.json" ]; then
     # the demo's warm start: a tiny random model needs a large lr and a few hundred steps
     "$PYTHON" -m megatron_spo sft --model "$ASSETS/model" --data "$ASSETS/data/sft.jsonl" --out "$ASSETS/sft" \
-        max_steps=400 lr=3e-3
+        max_steps=400 optimizer.lr=3e-3
 fi
 
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
     -m megatron_spo train --config examples/cpu/spo.yaml "$@"
 
 for model in "$ASSETS/sft" runs/cpu_example/spo/hf; do
-    "$PYTHON" -m megatron_spo eval --model "$model" --data "$ASSETS/data/val.jsonl" -n 4 --max-tokens 48 \
-        --max-prompt-tokens 128 --out "$model/eval_val.json"
+    "$PYTHON" -m megatron_spo eval --model "$model" --data "$ASSETS/data/val.jsonl" -n 4 --out "$model/eval_val.json" \
+        max_response_tokens=48 prompt.max_prompt_tokens=128
 done

@@ -11,5 +11,5 @@ GPUS=${GPUS:-8}
 for set in aime24 aime25; do
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
         -m megatron_spo eval --model "$MODEL" --data "data/aime/$set.parquet" -n 32 --engine vllm \
-        --dtype bfloat16 --thinking --max-tokens 16384 --out "$MODEL/eval_$set.json"
+        --out "$MODEL/eval_$set.json" engine.dtype=bfloat16 reward.thinking=true max_response_tokens=16384
 done

@@ -17,7 +17,7 @@ for ((i = 0; i < SUBSETS; i++)); do
     # -n, not --n: torchrun would take --n as its own --nnodes abbreviation
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
         -m megatron_spo values estimate --data "$OUT/splits/subset_$i.parquet" --model "$MODEL" \
-        -n 8 --engine vllm --dtype bfloat16 --thinking --output-dir "$OUT/subset_$i"
+        -n 8 --engine vllm --output-dir "$OUT/subset_$i" engine.dtype=bfloat16 reward.thinking=true
 done
 "$PYTHON" -m megatron_spo values merge --input-dir "$OUT" --pattern 'subset_*/validation_data/0.jsonl' \
     --strip-suffix 'The answer format must be: \boxed{...}' --output-file data/dapo_math/offline_values.json

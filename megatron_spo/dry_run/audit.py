@@ -34,7 +34,7 @@ aten = torch.ops.aten
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _DRY_RUN_DIR = os.path.dirname(__file__)
 _PACKAGE_DIR = os.path.dirname(_DRY_RUN_DIR)
-_PLATFORM_FILE = os.path.join(_PACKAGE_DIR, "platform.py")  # its shims stand in for torch's own calls
+_PLATFORM_DIR = os.path.join(_PACKAGE_DIR, "platform") + os.sep  # its shims stand in for torch's own calls
 
 
 class DeviceMixError(RuntimeError):
@@ -47,7 +47,7 @@ def call_site() -> tuple[str, str | None]:
     site = user = None
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename
-        if (path.startswith(_TORCH_DIR) or path.startswith(_DRY_RUN_DIR) or path == _PLATFORM_FILE
+        if (path.startswith(_TORCH_DIR) or path.startswith(_DRY_RUN_DIR) or path.startswith(_PLATFORM_DIR)
                 or "/contextlib.py" in path):
             continue
         where = f"{os.path.relpath(path) if path.startswith(os.getcwd()) else path}:{frame.lineno}"

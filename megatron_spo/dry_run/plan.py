@@ -4,7 +4,7 @@ Items are measured as live accelerator bytes (`audit.Audit`): parameters, gradie
 state are the distinct storages behind the model's parameters, their `main_grad` buffers and the
 optimizer's state and master weights; the transient items are peaks above the resident bytes
 while that piece of the step ran. The rollout engine is not executed here: vLLM reserves
-`rollout.gpu_memory_utilization` of the GPU for its weights, activations and KV cache, and that
+`rollout.engine.gpu_memory_utilization` of the GPU for its weights, activations and KV cache, and that
 reservation is what the plan counts; its weights are the HF checkpoint's parameters in the
 engine's dtype, divided over the rollout TP group.
 
@@ -15,7 +15,7 @@ Phases, in the order of a colocated step (`training.colocation`):
   engine's `generate`: the whole actor, or next to nothing with `rollout.offload_actor`) + the
   engine's reservation;
 - `training`: the actor resident + the larger of the update and the forward-only log-prob passes
-  + the engine's reservation unless it sleeps (`rollout.enable_sleep_mode`, level 2: weights
+  + the engine's reservation unless it sleeps (`rollout.engine.enable_sleep_mode`, level 2: weights
   and KV cache freed). An asleep vLLM still keeps its CUDA graphs and allocator overhead, which
   this plan does not count.
 """
@@ -54,6 +54,7 @@ class MemoryPlan:
     def from_results(cls, cfg, results: list[dict]) -> "MemoryPlan":
         r0 = results[0]
         roll = cfg.rollout
+        eng = roll.engine
         budget = cfg.dry_run.gpu_memory_gib * GIB
         roles = []
         for r in results:
@@ -64,9 +65,9 @@ class MemoryPlan:
             loss = peak(LOSS)
             activations = max(peak(UPDATE) - r["logits_bytes"] - loss, 0.0)
             # the whole HF model in the engine's dtype, sharded over the rollout TP group
-            engine_weights = r["hf_numel"] * _DTYPE_BYTES.get(roll.dtype, 2) / max(roll.tensor_parallel_size, 1)
-            if roll.engine == "vllm":
-                engine_total = roll.gpu_memory_utilization * budget
+            engine_weights = r["hf_numel"] * _DTYPE_BYTES.get(eng.dtype, 2) / max(eng.tensor_parallel_size, 1)
+            if eng.name == "vllm":
+                engine_total = eng.gpu_memory_utilization * budget
             else:
                 engine_total = engine_weights
             items = {
@@ -86,7 +87,7 @@ class MemoryPlan:
                 "trainer's GPU state while the engine generates": r["live_at_generate"],
             }
             training_extra = max(peak(UPDATE), peak(FORWARD))
-            sleeps = roll.enable_sleep_mode
+            sleeps = eng.enable_sleep_mode
             engine_at_sync = engine_weights if sleeps else engine_total
             engine_training = 0.0 if sleeps else engine_total
             phases = {
@@ -110,9 +111,9 @@ class MemoryPlan:
             f"layer spec: {'Transformer Engine' if r0['attention'] == 'transformer-engine' else 'local (torch-native; Transformer Engine is not importable without CUDA): norms and activations unfused, an upper bound on TE'}; "
             f"attention counted as flash attention (no T x T scores)",
             f"optimizer: {'Megatron distributed (state sharded over DP ' + str(r0['dp']) + ')' if r0['distributed_optimizer'] else 'Megatron (unsharded)'}; "
-            f"rollout engine {roll.engine}: " + (f"reserves gpu_memory_utilization {roll.gpu_memory_utilization:g} of the GPU "
-                                                 f"(not executed; from the config)" if roll.engine == "vllm" else "weights only"),
-            f"colocation: engine sleeps while the actor trains: {'yes' if roll.enable_sleep_mode else 'NO (rollout.enable_sleep_mode)'}; "
+            f"rollout engine {eng.name}: " + (f"reserves gpu_memory_utilization {eng.gpu_memory_utilization:g} of the GPU "
+                                                 f"(not executed; from the config)" if eng.name == "vllm" else "weights only"),
+            f"colocation: engine sleeps while the actor trains: {'yes' if eng.enable_sleep_mode else 'NO (rollout.engine.enable_sleep_mode)'}; "
             f"actor offloaded while the engine generates: {'yes' if roll.offload_actor else 'NO (rollout.offload_actor)'}",
         ]
         subs: dict[str, int] = {}
@@ -121,7 +122,7 @@ class MemoryPlan:
                 subs[k] = subs.get(k, 0) + v
         footer = ["collectives: data from other ranks is taken to equal this rank's (fake process group); with "
                   "PP > 1 the export plan other stages send is this stage's, so export buffers are approximate"]
-        if roll.enable_sleep_mode and roll.engine == "vllm":
+        if eng.enable_sleep_mode and eng.name == "vllm":
             footer.append("an asleep vLLM engine is counted as 0 GiB: its CUDA graphs and allocator overhead are not in this plan")
         if subs:
             footer.append("substituted (a GPU value read back on the host; the step continued with the stand-in):")

@@ -54,9 +54,16 @@ def role_ranks(world: int, tp: int, pp: int, *, value_store: bool = True) -> dic
     return roles
 
 
+def _section(data: dict, key: str) -> dict:
+    """data[key] as a mapping, created when absent or empty (`key:` with nothing under it)."""
+    if not isinstance(data.get(key), dict):
+        data[key] = {}
+    return data[key]
+
+
 def prepare_config(config_path: str | None, overrides: list[str], workdir: Path):
     """The run's config with what the dry run does not read replaced; returns (config, notes)."""
-    from megatron_spo.config import apply_overrides, from_dict, load_yaml
+    from megatron_spo.config import apply_overrides, check_moved, from_dict, load_yaml
     from megatron_spo.training.config import TrainConfig
 
     data = load_yaml(config_path) if config_path else {}
@@ -79,9 +86,10 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
     d["train_files"], d["val_files"] = [str(prompts_file)], []
     data.setdefault("eval", {})["files"] = []
     notes.append("data: not read; prompts are synthetic, each max_prompt_tokens long; evaluation is not run")
-    spo = data.setdefault("spo", {})
+    check_moved(TrainConfig, data, f"config {config_path!r}")  # before the sections below are filled in
+    spo = _section(_section(data, "algorithm"), "spo")
     if spo.get("offline_values"):
-        notes.append(f"spo.offline_values ({spo['offline_values']}) not read: every prompt starts at the prior")
+        notes.append(f"algorithm.spo.offline_values ({spo['offline_values']}) not read: every prompt starts at the prior")
         spo["offline_values"] = None
     data["run_dir"] = str(workdir / "run")
     data.setdefault("logging", {}).update({"tensorboard": False, "wandb": False, "progress_bar": False})
@@ -99,8 +107,8 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
     mini = dp * per_rank_prompts
     batch = data.setdefault("batch", {})
     batch.update({"mini_batch_size": mini, "train_batch_size": 2 * mini, "epochs": 1})
-    if "gen_batch_size" in batch or cfg.algorithm.name == "spo":
-        batch["gen_batch_size"] = 4 * mini
+    if cfg.algorithm.name == "spo":
+        spo["gen_batch_size"] = 4 * mini
     notes.append(f"batch: {2 * mini} prompts x {n} (2 mini-batches; per rank {pp} micro-batch(es) of {rows} x "
                  f"{seq_len} tokens each, the configured worst case) instead of {b.train_batch_size}")
     cfg = from_dict(TrainConfig, data, where=f"config {config_path!r} (dry run)")
@@ -111,12 +119,12 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
 
 
 def _worst_prompts(cfg, dp_rank: int, dp: int) -> list:
-    """gen_batch_size prompts of max_prompt_tokens tokens whose value-store keys all belong to this
+    """algorithm.spo.gen_batch_size prompts of max_prompt_tokens tokens whose value-store keys all belong to this
     rank's shard (key mod dp == dp_rank), so the store's exchanges route only to this rank, which
     the fake group reproduces exactly."""
     from megatron_spo.training.rollouts import Prompt
 
-    count = max(cfg.batch.gen_batch_size or 0, cfg.batch.train_batch_size)
+    count = max(cfg.algorithm.spo.gen_batch_size if cfg.algorithm.name == "spo" else 0, cfg.batch.train_batch_size)
     length = cfg.data.prompt.max_prompt_tokens
     return [Prompt(key=dp_rank + dp * (i + 1), raw=f"dry-run prompt {i}", token_ids=[5 + (i + t) % 97 for t in range(length)],
                    answer="1" if i % 2 == 0 else "0") for i in range(count)]
@@ -124,8 +132,6 @@ def _worst_prompts(cfg, dp_rank: int, dp: int) -> list:
 
 def run_role(config_file: str, rank: int, out_file: str) -> None:
     """One rank of the simulated cluster: build, step, checkpoint state; write the measurements."""
-    import numpy as np
-
     from megatron_spo import platform
     from megatron_spo.config import from_dict, load_yaml
     from megatron_spo.dry_run import substitutes
@@ -142,24 +148,11 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
     dp_rank = (rank // tp) % dp
     audit = Audit()
     platform.observe_storage_resizes(audit.resized)
-    engine = substitutes.WorstCaseEngine(vocab_size=spec.vocab_size, max_model_len=cfg.rollout.max_model_len,
+    engine = substitutes.WorstCaseEngine(vocab_size=spec.vocab_size, max_model_len=cfg.rollout.engine.max_model_len,
                                          live_bytes=lambda: audit.live)
     phases: dict[str, dict[str, float]] = {}
+    measured = lambda name, fn: _measured(name, fn, audit, phases)  # noqa: E731
     t_start = time.perf_counter()
-
-    def measured(name, fn):
-        def wrapped(*args, **kwargs):
-            with audit.measure() as m:
-                t = time.perf_counter()
-                result = fn(*args, **kwargs)
-            ph = phases.setdefault(name, {"peak_above": 0, "base": 0, "seconds": 0.0, "calls": 0})
-            if m.peak_above >= ph["peak_above"]:
-                ph["peak_above"], ph["base"] = m.peak_above, m.base
-            ph["seconds"] += time.perf_counter() - t
-            ph["calls"] += 1
-            return result
-        return wrapped
-
     with audit:
         parts = TrainerParts(tokenizer=substitutes.SilentTokenizer(), prompts=_worst_prompts(cfg, dp_rank, dp),
                              load_model=substitutes.shapes_only_loader(cfg.model.hf_dir), engine=engine,
@@ -167,24 +160,13 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
         trainer = Trainer(cfg, parts=parts)
         par = trainer.parallel
         assert (par.rank, par.dp_rank) == (rank, dp_rank), (par.rank, par.dp_rank, rank, dp_rank)
-        if trainer.store is not None and cfg.spo.rho_mode == "kl":
-            # the steady state: every prompt has a previous response of the longest length, so the
-            # KL-drift pass runs at its worst (and every micro-batch has the same shape, which a
-            # pipeline needs when stages cannot exchange shapes, see platform.model_parallel_overrides)
-            keys = np.array(sorted({p.key for p in parts.prompts}), dtype=np.int64)
-            longest = cfg.rollout.max_response_tokens
-            trainer.store.store_responses(keys, [[7] * longest] * len(keys), [[-1.0] * longest] * len(keys))
+        _store_longest_previous_responses(trainer, cfg, parts.prompts)
         t_built = time.perf_counter()
         actor = trainer.actor
-        logits_bytes = [0]
-        for chunk in actor.raw_chunks:
-            if getattr(chunk, "output_layer", None) is not None and chunk.post_process:
-                chunk.output_layer.register_forward_hook(
-                    lambda mod, inp, out: logits_bytes.__setitem__(
-                        0, max(logits_bytes[0], out[0].numel() * out[0].element_size())))
-        trainer._logprobs = measured("forward-only log-probs (old / reference / drift)", trainer._logprobs)
+        logits_bytes = _largest_logits_bytes(actor)
+        trainer.logprobs = measured("forward-only log-probs (old / reference / drift)", trainer.logprobs)
         actor.train_step = measured("actor update (forward + backward + optimizer)", actor.train_step)
-        trainer.objective = _MeasuredLoss(trainer.objective, audit, phases)
+        trainer.algorithm.objective = _MeasuredLoss(trainer.algorithm.objective, audit, phases)
         from megatron_spo.rollout import weight_sync
 
         weight_sync.sync_weights = measured("weight export to the engine", weight_sync.sync_weights)
@@ -196,7 +178,7 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
         grad_bytes = Audit.storage_bytes([getattr(p, "main_grad", None) for p in params])
         optimizer_bytes = Audit.storage_bytes(_optimizer_tensors(actor.optimizer, exclude=params))
         with audit.measure() as ckpt:
-            state = trainer.checkpoint_state_dicts()
+            state = trainer.actor_state.sharded_state_dicts()
         checkpoint_keys = len(state)
         del state
         static_after = audit.live
@@ -218,6 +200,50 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
         "hf_numel": sum(math.prod(shape) for shape, _ in substitutes.hf_shapes(cfg.model.hf_dir).values()),
     }
     Path(out_file).write_text(json.dumps(result, indent=1))
+
+
+def _measured(name: str, fn, audit, phases: dict[str, dict[str, float]]):
+    """`fn`, with each call's time added to `phases[name]` and its memory peak above its start
+    kept there when it is the largest yet."""
+
+    def wrapped(*args, **kwargs):
+        with audit.measure() as m:
+            t = time.perf_counter()
+            result = fn(*args, **kwargs)
+        ph = phases.setdefault(name, {"peak_above": 0, "base": 0, "seconds": 0.0, "calls": 0})
+        if m.peak_above >= ph["peak_above"]:
+            ph["peak_above"], ph["base"] = m.peak_above, m.base
+        ph["seconds"] += time.perf_counter() - t
+        ph["calls"] += 1
+        return result
+
+    return wrapped
+
+
+def _store_longest_previous_responses(trainer, cfg, prompts) -> None:
+    """SPO with rho from KL drift, in the steady state: every prompt has a previous response of the
+    longest length, so the KL-drift pass runs at its worst (and every micro-batch has the same shape,
+    which a pipeline needs when stages cannot exchange shapes, see platform.model_parallel_overrides)."""
+    import numpy as np
+
+    store = getattr(trainer.algorithm, "store", None)  # SPO's value store
+    if store is None or cfg.algorithm.spo.rho_mode != "kl":
+        return
+    keys = np.array(sorted({p.key for p in prompts}), dtype=np.int64)
+    longest = cfg.rollout.max_response_tokens
+    store.store_responses(keys, [[7] * longest] * len(keys), [[-1.0] * longest] * len(keys))
+
+
+def _largest_logits_bytes(actor) -> list[int]:
+    """A one-item list that forward hooks on the last stage's output layer keep at the size, in
+    bytes, of the largest logits tensor made so far."""
+    logits_bytes = [0]
+    for chunk in actor.raw_chunks:
+        if getattr(chunk, "output_layer", None) is not None and chunk.post_process:
+            chunk.output_layer.register_forward_hook(
+                lambda mod, inp, out: logits_bytes.__setitem__(
+                    0, max(logits_bytes[0], out[0].numel() * out[0].element_size())))
+    return logits_bytes
 
 
 class _MeasuredLoss:
@@ -283,7 +309,7 @@ def dry_run(config_path: str | None, overrides: list[str], *, out=sys.stdout) ->
         config_file.write_text(yaml.safe_dump(data, sort_keys=False))
         print(f"dry run: {cfg.dry_run.nodes} node(s) x {cfg.dry_run.gpus_per_node} GPUs of "
               f"{cfg.dry_run.gpu_memory_gib:g} GiB = world {world}: TP {tp} x PP {pp} x DP {dp}, "
-              f"rollout TP {cfg.rollout.tensor_parallel_size}", file=out, flush=True)
+              f"rollout TP {cfg.rollout.engine.tensor_parallel_size}", file=out, flush=True)
         for note in notes:
             print(f"  {note}", file=out)
         results = []

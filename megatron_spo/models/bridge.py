@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
@@ -324,19 +325,7 @@ class WeightBridge:
         elem = torch.empty((), dtype=out_dtype).element_size()
 
         if par.tp == 1 and par.pp == 1:
-            # nothing to communicate: views of the parameters (converted if asked)
-            batch, batch_bytes = [], 0
-            for b in bound:
-                if not b.exported:
-                    continue
-                shard = b.param.detach().to(out_dtype)
-                batch.extend(self.merge_shards(b.rule, b.hf_names, [shard]))
-                batch_bytes += shard.numel() * elem
-                if batch_bytes >= bucket_bytes:
-                    yield batch
-                    batch, batch_bytes = [], 0
-            if batch:
-                yield batch
+            yield from self._export_local_buckets(bound, bucket_bytes, out_dtype, elem)
             return
 
         # Each HF tensor is a fresh tensor (at PP > 1 a view of its bucket's fresh buffer `out`),
@@ -351,7 +340,7 @@ class WeightBridge:
         buckets = []  # (stage, entries, split numel per entry, HF numel per entry)
         for stage, plan in enumerate(plans):
             for entries in _split_by_bytes(plan, bucket_bytes, elem, par.tp):
-                shard_numels = [_numel(shape) for *_, shape in entries]
+                shard_numels = [math.prod(shape) for *_, shape in entries]
                 split = [0 if e[2] == "replicated" else n for e, n in zip(entries, shard_numels)]
                 hf = [n if e[2] == "replicated" else n * par.tp for e, n in zip(entries, shard_numels)]
                 buckets.append((stage, entries, split, hf))
@@ -389,17 +378,40 @@ class WeightBridge:
                     gathered, works = pending.pop(k)
                     for work in works:
                         work.wait()
-                offset = 0
-                for (name, _rule, layout, _hf, shape), n, targets in zip(entries, split, places):
-                    if gathered is not None and n:
-                        shards = gathered[:, offset : offset + n].view(par.tp, *shape)
-                        offset += n
-                    else:  # replicated, or TP=1: the local parameter is the only shard
-                        shards = by_name[name].param.detach().unsqueeze(0)
-                    self._place_shards(layout, shards, [t for _, t in targets])
+                self._place_bucket(entries, split, places, gathered, by_name)
             if par.pp > 1:
                 torch.distributed.broadcast(out, src=pp_ranks[stage], group=par.pp_group)
             yield [item for targets in places for item in targets]
+
+    def _export_local_buckets(self, bound, bucket_bytes: int, out_dtype: torch.dtype, elem: int):
+        """`export_buckets` at TP = PP = 1: nothing to communicate, so the HF tensors are views of
+        the parameters (converted to `out_dtype` if asked)."""
+        batch, batch_bytes = [], 0
+        for b in bound:
+            if not b.exported:
+                continue
+            shard = b.param.detach().to(out_dtype)
+            batch.extend(self.merge_shards(b.rule, b.hf_names, [shard]))
+            batch_bytes += shard.numel() * elem
+            if batch_bytes >= bucket_bytes:
+                yield batch
+                batch, batch_bytes = [], 0
+        if batch:
+            yield batch
+
+    def _place_bucket(self, entries, split_numels: list[int], places, gathered: torch.Tensor | None, by_name):
+        """Copy one bucket's shards into their HF tensors `places`: split shards from `gathered`
+        (tp, split elements of the bucket, packed in entry order), replicated ones (and all of them
+        without a gather) from the local parameter."""
+        tp = self.parallel.tp
+        offset = 0
+        for (name, _rule, layout, _hf, shape), n, targets in zip(entries, split_numels, places):
+            if gathered is not None and n:
+                shards = gathered[:, offset : offset + n].view(tp, *shape)
+                offset += n
+            else:  # replicated, or TP=1: the local parameter is the only shard
+                shards = by_name[name].param.detach().unsqueeze(0)
+            self._place_shards(layout, shards, [t for _, t in targets])
 
     def _gather_shards(self, entries, split_numels: list[int], by_name, gathered: torch.Tensor) -> list:
         """Start filling `gathered` (tp, total) with every TP rank's split shards of these entries,
@@ -452,7 +464,7 @@ class WeightBridge:
                     # -sized buffer would be fresh pages each time, costly to fault in on CPUs)
                     targets.append((hf_name, torch.empty(hf_shape, dtype=dtype, device=device)))
                 else:
-                    numel = _numel(hf_shape)
+                    numel = math.prod(hf_shape)
                     targets.append((hf_name, out[offset : offset + numel].view(hf_shape)))
                     offset += numel
             places.append(targets)
@@ -496,13 +508,6 @@ class WeightBridge:
             raise AssertionError(layout)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _device_of(bound: list[BoundParam]) -> torch.device:
     return bound[0].param.device if bound else torch.device("cpu")
 
@@ -511,7 +516,7 @@ def _split_by_bytes(plan: list[tuple], limit: int, elem: int, tp: int) -> Iterat
     """Consecutive plan entries whose full (HF) tensors add up to at most `limit` bytes."""
     bucket, size = [], 0
     for entry in plan:
-        nbytes = _numel(entry[-1]) * elem * (1 if entry[2] == "replicated" else tp)
+        nbytes = math.prod(entry[-1]) * elem * (1 if entry[2] == "replicated" else tp)
         if bucket and size + nbytes > limit:
             yield bucket
             bucket, size = [], 0

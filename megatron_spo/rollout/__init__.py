@@ -9,7 +9,8 @@
     stats = sync_weights(engine, bridge.export_hf(chunks))                  # after each update
 
 Modules: `types` (records, the engine interface), `engine` (config, factory), `hf_engine`,
-`vllm_engine`, `weight_sync`, `prompts`, `estimate` (`megatron-spo values estimate`), plus
+`vllm_engine`, `weight_sync`, `prompts`, `estimate` (`megatron-spo values estimate`),
+`graded_sampling` (the sample-and-grade pass of estimate and eval), plus
 `rewards`, `scoring`, `sandbox`, `agent_loop`. Nothing is imported here, so a reward worker that
 imports `megatron_spo.rollout.rewards` does not pay for torch or an engine.
 """

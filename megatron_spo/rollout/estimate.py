@@ -13,10 +13,18 @@ Sampling defaults are the authors' (temperature 0.6, top_p 0.95, top_k 20, n 8).
 prompt i is sampled with seed `seed + i * n + j`, so with the `hf` engine the file is the same
 whatever the number of ranks.
 
-Under torchrun the prompts are split over ranks (`prompts[rank::world]`) and rank 0 gathers and
-writes the file; with `--engine vllm --tensor-parallel-size WORLD` every rank runs the same
-sharded engine on all prompts instead. Prompts over the length limit are skipped and counted (or
-truncated, `--overlong truncate`); the counts go to `OUTPUT_DIR/estimate_summary.json`.
+Under torchrun the prompts are split over rollout groups (`rollout.placement`: with
+`engine.name=vllm engine.tensor_parallel_size=R` a vLLM engine per R consecutive ranks; otherwise
+one engine per rank, `prompts[rank::world]`) and rank 0 gathers and writes the file. Prompts over
+the length limit are skipped and counted (or truncated, `prompt.overlong=truncate`); the counts go
+to `OUTPUT_DIR/estimate_summary.json`.
+
+The config (`EstimateConfig`) is read strictly from YAML and dotted overrides, as `train` reads
+its config, with short flags for the common keys (`rollout.cli_options`):
+
+    megatron-spo values estimate --data subset_0.parquet --model Qwen3-8B -n 8 --output-dir OUT \
+        --engine vllm engine.dtype=bfloat16 reward.thinking=true
+    megatron-spo values estimate --config estimate.yaml [key=value ...]
 
 Scoring: the configured reward function (`megatron_spo.rollout.rewards`, the authors' binary
 math reward by default) in a `ScoringPool` (worker processes with a per-response time limit).
@@ -24,46 +32,46 @@ math reward by default) in a `ScoringPool` (worker processes with a per-response
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.cli_options import build_parser, load_command_config, refuse_old_flags
 from megatron_spo.rollout.engine import EngineConfig, make_engine
-from megatron_spo.rollout.placement import RolloutPlacement
-from megatron_spo.rollout.cli_options import add_generation_options
-from megatron_spo.rollout.prompts import PromptConfig, build_prompts
-from megatron_spo.rollout.records import (
-    ANSWER_KEYS,
-    PROMPT_KEYS,
-    field,
-    init_ranks,
-    load_records,
-    pick_field,
-    raw_user_prompt,
+from megatron_spo.rollout.graded_sampling import (
+    GradedPrompt,
+    check_sampling_settings,
+    gather_on_rank0,
+    sample_and_grade,
 )
+from megatron_spo.rollout.placement import RolloutPlacement
+from megatron_spo.rollout.prompts import PromptConfig, build_prompts
+from megatron_spo.rollout.records import field, init_ranks, load_records, prompt_and_answer_fields, raw_user_prompt
 from megatron_spo.rollout.rewards import RewardConfig
-from megatron_spo.rollout.scoring import ScoringPool
-from megatron_spo.rollout.types import GenerationRequest, SamplingParams
-
-logger = logging.getLogger(__name__)
-
 
 
 @dataclasses.dataclass(kw_only=True)
 class EstimateConfig:
+    """Everything `megatron-spo values estimate` reads."""
+
     data: str
-    """Dataset file: .jsonl, .json (a list of records) or .parquet."""
+    """Dataset file: .jsonl, .json (a list of records) or .parquet; flag --data."""
+    model: str
+    """Hugging Face model directory (weights + tokenizer) that samples; flag --model."""
     output_dir: str
-    """Run directory; results go to OUTPUT_DIR/validation_data/0.jsonl."""
-    engine: EngineConfig
+    """Run directory; results go to OUTPUT_DIR/validation_data/0.jsonl. Flag --output-dir."""
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    """The engine that samples (`hf` or `vllm`, dtype, context, rollout TP); its model is `model`
+    and its seed `seed`. Flag --engine sets engine.name."""
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+    """Chat template, answer-format suffix, prompt length limit: as the RL run will build them."""
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """How responses are scored (the authors' binary math reward by default)."""
     n: int = 8
     """Responses per prompt; the authors merge 8 scores per prompt (offline_n)."""
     temperature: float = 0.6
@@ -72,7 +80,7 @@ class EstimateConfig:
     """The authors' nucleus mass."""
     top_k: int = 20
     """The authors' top-k."""
-    max_tokens: int = 16384
+    max_response_tokens: int = 16384
     """Response length cap in tokens: the authors' 16k response length; the model's context
     length caps it further."""
     seed: int = 0
@@ -87,25 +95,18 @@ class EstimateConfig:
     reward_model.ground_truth, ground_truth, answer, solution."""
 
     def __post_init__(self):
-        if self.n < 1:
-            raise UserError(f"--n must be >= 1, got {self.n}")
-        if self.prompts_per_call < 1:
-            raise UserError(f"--prompts-per-call must be >= 1, got {self.prompts_per_call}")
+        check_sampling_settings(self)
         if not Path(self.data).is_file():
-            raise UserError(f"--data: {self.data} is not a file")
+            raise UserError(f"data: {self.data} is not a file")
+        if not (Path(self.model) / "config.json").is_file():
+            raise UserError(f"model: {self.model} is not a Hugging Face model directory (no config.json)")
+
+    def engine_config(self) -> EngineConfig:
+        """The complete engine config: the `engine` section with the model and seed filled in."""
+        return dataclasses.replace(self.engine, model=self.model, seed=self.seed)
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-@dataclasses.dataclass(kw_only=True)
-class _Job:
-    index: int
-    prompt_text: str
-    token_ids: list[int]
-    raw_prompt: str
-    ground_truth: Any
-    data_source: str
 
 
 def run(config: EstimateConfig) -> dict[str, Any]:
@@ -114,202 +115,98 @@ def run(config: EstimateConfig) -> dict[str, Any]:
     rank, world = init_ranks()
     records = load_records(config.data)
     if not records:
-        raise UserError(f"--data: {config.data} holds no records")
-    prompt_field = pick_field(records, config.prompt_key, PROMPT_KEYS, "prompt", config.data)
-    answer_field = pick_field(records, config.answer_key, ANSWER_KEYS, "answer", config.data)
-    for i, record in enumerate(records):
-        if field(record, prompt_field) is None:
-            raise UserError(f"{config.data}: record {i} has no {prompt_field!r}")
-        if field(record, answer_field) is None:
-            raise UserError(f"{config.data}: record {i} has no {answer_field!r}")
+        raise UserError(f"data: {config.data} holds no records")
+    prompt_field, answer_field = prompt_and_answer_fields(records, config.prompt_key, config.answer_key, config.data)
 
     rollout_tp = config.engine.tensor_parallel_size if config.engine.name == "vllm" else 1
-    placement = RolloutPlacement.build(world, rollout_tp, key="--tensor-parallel-size")  # before the engine
-    engine = make_engine(config.engine)
+    placement = RolloutPlacement.build(world, rollout_tp, key="engine.tensor_parallel_size")  # before the engine
+    engine = make_engine(config.engine_config())
     placement = dataclasses.replace(placement, spmd=getattr(engine, "spmd", False))
     tokenizer = getattr(engine, "tokenizer", None)
     if tokenizer is None:
-        raise UserError(f"--model: {config.engine.model} has no tokenizer; prompts need one")
+        raise UserError(f"model: {config.model} has no tokenizer; prompts need one")
     batch = build_prompts([field(r, prompt_field) for r in records], tokenizer, config.prompt)
-    default_source = Path(config.data).stem
-    jobs = [
-        _Job(
-            index=p.index,
-            prompt_text=tokenizer.decode(p.token_ids, skip_special_tokens=True),
-            token_ids=p.token_ids,
-            raw_prompt=raw_user_prompt(field(records[p.index], prompt_field)),
-            ground_truth=field(records[p.index], answer_field),
-            data_source=str(records[p.index].get("data_source", default_source)),
-        )
-        for p in batch.prompts
-    ]
-    # prompts split over rollout groups (one engine per R consecutive ranks, `rollout.placement`);
-    # the ranks of a group all get its samples: the group's leader alone scores them
-    my_jobs = [jobs[i] for i in placement.plan([None] * len(jobs), rank).generate]
-    scores_here = rank == placement.leader(placement.group_of(rank))
-    pool = ScoringPool(config.reward) if scores_here else None
-    reward_failures = 0
-
-    my_records = []
-    for start in range(0, len(my_jobs), config.prompts_per_call):
-        chunk = my_jobs[start : start + config.prompts_per_call]
-        requests = [
-            GenerationRequest(
-                prompt_token_ids=job.token_ids,
-                params=SamplingParams(
-                    n=config.n,
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    top_k=config.top_k,
-                    max_tokens=config.max_tokens,
-                    seed=config.seed + job.index * config.n,
-                ),
-            )
-            for job in chunk
-        ]
-        samples = [
-            (job, j, completion)
-            for job, result in zip(chunk, engine.generate(requests))
-            for j, completion in enumerate(result.completions)
-        ]
-        if not scores_here:
-            continue
-        scored = pool.score([c.text or "" for _, _, c in samples], [str(job.ground_truth) for job, _, _ in samples])
-        reward_failures += len(scored.failure_messages)
-        for (job, j, completion), score, pred in zip(samples, scored.scores, scored.predictions):
-            my_records.append(
-                {
-                    "input": job.prompt_text,
-                    "output": completion.text or "",
-                    "score": score,
-                    "pred": pred,
-                    "ground_truth": job.ground_truth,
-                    "data_source": job.data_source,
-                    "prompt": job.raw_prompt,
-                    "prompt_index": job.index,
-                    "sample_index": j,
-                    "finish_reason": completion.finish_reason,
-                    "step": 0,
-                }
-            )
-        logger.info("rank %d: %d / %d prompts done", rank, start + len(chunk), len(my_jobs))
-    if pool is not None:
-        pool.close()
-
-    all_records = my_records
-    if world > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object((my_records, reward_failures), gathered, dst=0)
-        if rank == 0:
-            all_records = [r for part, _ in gathered for r in part]
-            reward_failures = sum(failures for _, failures in gathered)
+    graded, reward_failures = sample_and_grade(
+        engine, batch.prompts, config, lambda i: field(records[i], answer_field),
+        placement=placement, rank=rank, seed=config.seed, reward=config.reward,
+    )
+    rows = [row for g in graded for row in _response_rows(g, records, prompt_field, answer_field, tokenizer, config)]
+    parts = gather_on_rank0((rows, reward_failures), rank, world)
     # only now: vLLM's shutdown also tears down torch.distributed's default group
     engine.shutdown()
     if rank != 0:
         return {}
-    all_records.sort(key=lambda r: (r["prompt_index"], r["sample_index"]))
+    rows = sorted((r for part, _ in parts for r in part), key=lambda r: (r["prompt_index"], r["sample_index"]))
     out_dir = Path(config.output_dir)
-    _write_jsonl(out_dir / "validation_data" / "0.jsonl", all_records)
-    scores = [r["score"] for r in all_records]
+    _write_jsonl(out_dir / "validation_data" / "0.jsonl", rows)
+    scores = [r["score"] for r in rows]
     summary = {
         "data": str(config.data),
-        "model": str(config.engine.model),
+        "model": str(config.model),
         "engine": config.engine.name,
         "ranks": world,
         "reward_function": config.reward.function,
-        "reward_failures": reward_failures,
+        "reward_failures": sum(failures for _, failures in parts),
         "prompts_in_file": len(records),
-        "prompts_estimated": len(jobs),
+        "prompts_estimated": len(batch.prompts),
         "prompts_skipped_overlong": len(batch.skipped),
         "skipped_indices": batch.skipped,
         "prompts_truncated": batch.num_truncated,
-        "responses": len(all_records),
+        "responses": len(rows),
         "responses_per_prompt": config.n,
         "mean_score": sum(scores) / len(scores) if scores else None,
-        "finished_by_length": sum(r["finish_reason"] == "length" for r in all_records),
+        "finished_by_length": sum(r["finish_reason"] == "length" for r in rows),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    _write_json(out_dir / "estimate_summary.json", summary)
+    atomic.write_json(out_dir / "estimate_summary.json", summary)
     return summary
 
 
+def _response_rows(graded: GradedPrompt, records: list[dict[str, Any]], prompt_field: str, answer_field: str,
+                   tokenizer, config: EstimateConfig) -> list[dict[str, Any]]:
+    """The output file's records of one prompt, one per response (layout in the module docstring)."""
+    record = records[graded.prompt.index]
+    return [
+        {
+            "input": tokenizer.decode(graded.prompt.token_ids, skip_special_tokens=True),
+            "output": completion.text or "",
+            "score": score,
+            "pred": pred,
+            "ground_truth": field(record, answer_field),
+            "data_source": str(record.get("data_source", Path(config.data).stem)),
+            "prompt": raw_user_prompt(field(record, prompt_field)),
+            "prompt_index": graded.prompt.index,
+            "sample_index": j,
+            "finish_reason": completion.finish_reason,
+            "step": 0,
+        }
+        for j, (completion, score, pred) in enumerate(zip(graded.completions, graded.scores, graded.predictions))
+    ]
+
+
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic.open_for_write(path) as fh:  # streamed: a run's responses can be hundreds of MB
         for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+            fh.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = {f.name: f.default for f in dataclasses.fields(EstimateConfig) if f.default is not dataclasses.MISSING}
-    parser = argparse.ArgumentParser(
-        prog="megatron-spo values estimate",
-        description=(
-            "Sample N responses per prompt with a pretrained model, score them against the ground "
-            "truth and write OUTPUT_DIR/validation_data/0.jsonl (the input of `values merge`). "
-            "Runs under torchrun with the prompts split over ranks."
-        ),
-        epilog=(
-            "example: megatron-spo values estimate --data subset_0.parquet --model Qwen3-8B "
-            "--n 8 --output-dir runs/offline/subset_0 --engine vllm"
-        ),
-    )
-    parser.add_argument("--data", required=True, help="dataset file (.jsonl, .json, .parquet)")
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--output-dir", required=True, help="writes validation_data/0.jsonl and estimate_summary.json here")
-    add_generation_options(parser, n=defaults["n"], n_help="responses per prompt", n_aliases=("--responses-per-prompt",),
-                           temperature=defaults["temperature"], top_p=defaults["top_p"], top_k=defaults["top_k"],
-                           max_tokens=defaults["max_tokens"], seed=defaults["seed"],
-                           prompts_per_call=defaults["prompts_per_call"])
-    return parser
-
-
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = EstimateConfig(
-        data=args.data,
-        output_dir=args.output_dir,
-        engine=EngineConfig(
-            model=args.model,
-            name=args.engine,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_num_seqs=args.max_num_seqs,
-            tensor_parallel_size=args.tensor_parallel_size,
-        ),
-        prompt=PromptConfig(
-            answer_format_suffix=args.answer_suffix,
-            use_chat_template=args.chat_template,
-            max_prompt_tokens=args.max_prompt_tokens,
-            overlong=args.overlong,
-        ),
-        reward=RewardConfig(function=args.reward_function, pool=args.reward_pool, thinking=args.thinking),
-        n=args.n,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        prompts_per_call=args.prompts_per_call,
-        prompt_key=args.prompt_key,
-        answer_key=args.answer_key,
+    refuse_old_flags(argv)
+    parser = build_parser(
+        EstimateConfig, prog="megatron-spo values estimate",
+        description="Sample N responses per prompt with a pretrained model, score them against the ground truth "
+                    "and write OUTPUT_DIR/validation_data/0.jsonl (the input of `values merge`). Runs under "
+                    "torchrun with the prompts split over ranks.",
+        example="megatron-spo values estimate --data subset_0.parquet --model Qwen3-8B -n 8 "
+                "--output-dir runs/offline/subset_0 --engine vllm engine.dtype=bfloat16",
+        out_flag="--output-dir", out_help="writes validation_data/0.jsonl and estimate_summary.json here",
+        n_help="responses per prompt", n_aliases=("--responses-per-prompt",),
     )
+    config = load_command_config(EstimateConfig, parser.parse_intermixed_args(argv), out_key="output_dir")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     summary = run(config)
     if summary:
         print(json.dumps({k: v for k, v in summary.items() if k != "skipped_indices"}))

@@ -2,7 +2,7 @@
 
 Two layouts share the torchrun world of W ranks:
 
-- **Rollout groups** (engines): contiguous blocks of R = `rollout.tensor_parallel_size` ranks,
+- **Rollout groups** (engines): contiguous blocks of R = `rollout.engine.tensor_parallel_size` ranks,
   group g = ranks [g R, (g + 1) R). This is how vLLM's `external_launcher` builds its tensor-parallel
   groups on an already initialised world ("ExternalDP x DP x PP x PCP x TP", TP fastest:
   `vllm/distributed/parallel_state.py::initialize_model_parallel`), so each block is one engine
@@ -86,7 +86,7 @@ class RolloutPlacement:
 
     @classmethod
     def build(cls, world_size: int, rollout_tp: int, *, tp: int = 1, pp: int = 1, spmd: bool = True,
-              standalone: bool = False, key: str = "rollout.tensor_parallel_size") -> RolloutPlacement:
+              standalone: bool = False, key: str = "rollout.engine.tensor_parallel_size") -> RolloutPlacement:
         """Validate R against the world (a one-line UserError naming `key`) and lay it out."""
         if rollout_tp < 1 or world_size % rollout_tp:
             raise UserError(f"{key} ({rollout_tp}) must divide the world size {world_size} (torchrun nodes x "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +22,7 @@ def load_records(path: str) -> list[dict[str, Any]]:
     """Records of a .jsonl / .json / .parquet dataset file."""
     suffix = Path(path).suffix.lower()
     if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                records.append(record)
-        return records
+        return [record for _, record in read_jsonl_objects(path)]
     if suffix == ".json":
         with open(path, encoding="utf-8") as fh:
             try:
@@ -48,6 +37,24 @@ def load_records(path: str) -> list[dict[str, Any]]:
 
         return pq.read_table(path).to_pylist()
     raise UserError(f"--data: {path} has suffix {suffix!r}; expected .jsonl, .json or .parquet")
+
+
+def read_jsonl_objects(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; a line that is not a JSON
+    object is a UserError naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            out.append((line_no, record))
+    return out
 
 
 def field(record: dict[str, Any], dotted: str) -> Any:
@@ -71,6 +78,19 @@ def pick_field(records: list[dict[str, Any]], explicit: str | None, candidates: 
         f"{path}: record 0 has none of the {what} fields {', '.join(candidates)} "
         f"(its fields: {', '.join(records[0])}); name one with --{what}-key"
     )
+
+
+def prompt_and_answer_fields(records: Sequence[dict[str, Any]], prompt_key: str | None, answer_key: str | None,
+                             path: str) -> tuple[str, str]:
+    """The prompt and ground-truth fields (`pick_field`), checked present in every record
+    (UserError naming `path` and the first record without one)."""
+    prompt_field = pick_field(list(records), prompt_key, PROMPT_KEYS, "prompt", path)
+    answer_field = pick_field(list(records), answer_key, ANSWER_KEYS, "answer", path)
+    for i, record in enumerate(records):
+        for name in (prompt_field, answer_field):
+            if field(record, name) is None:
+                raise UserError(f"{path}: record {i} has no {name!r}")
+    return prompt_field, answer_field
 
 
 def raw_user_prompt(prompt: Any) -> str:

@@ -11,8 +11,7 @@ with `count` = number of sequences).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -23,33 +22,28 @@ from megatron_spo.platform import ParallelContext
 from megatron_spo.training.logprobs import compute_logprobs
 from megatron_spo.training.schedule import run_microbatches
 
+if TYPE_CHECKING:
+    from megatron_spo.training.config import OptimizerConfig
+
 # loss_fn(logits (b, s, V/tp), micro_batch) -> (loss_sum scalar, count scalar, {name: float tensor})
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
-@dataclasses.dataclass(kw_only=True)
-class OptimizerSettings:
-    """Optimizer and schedule knobs the actor needs (the trainer's config maps onto these)."""
-
-    lr: float = 1e-6
-    """Peak learning rate (the SPO authors' 1e-6)."""
-    min_lr: float = 0.0
-    """Floor of the decay schedule."""
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clip; 0 disables it."""
-    warmup_steps: int = 0
-    decay_steps: int | None = None
-    """Steps of the decay after warm-up; None keeps the peak rate (constant schedule)."""
-    decay_style: str = "constant"
-    """constant | linear | cosine."""
-    use_distributed_optimizer: bool | None = None
-    """Megatron's distributed optimizer: Adam moments and fp32 master weights sharded over
-    data-parallel ranks (gradients reduce-scattered, parameters all-gathered). None = the
-    platform's default (`platform.supports_distributed_optimizer()`: on GPU, not on CPU)."""
+def lr_schedule(optimizer: OptimizerConfig, total_steps: int | None) -> dict[str, float | int | str]:
+    """Megatron `OptimizerParamScheduler` lr arguments: linear warm-up from 0 over
+    `optimizer.warmup_steps`, then the schedule's decay down to lr x min_lr_ratio at optimizer step
+    `total_steps`; a constant rate when the schedule is constant, `total_steps` is None or nothing
+    is left after the warm-up."""
+    o = optimizer
+    decays = total_steps is not None and o.schedule != "constant" and total_steps > o.warmup_steps
+    return {
+        "init_lr": 0.0 if o.warmup_steps else o.lr,
+        "max_lr": o.lr,
+        "min_lr": o.lr * o.min_lr_ratio,
+        "lr_warmup_steps": o.warmup_steps,
+        "lr_decay_steps": total_steps if decays else o.warmup_steps + 1,
+        "lr_decay_style": o.schedule if decays else "constant",
+    }
 
 
 class Actor:
@@ -61,14 +55,22 @@ class Actor:
         chunks: Sequence[torch.nn.Module],
         bridge: WeightBridge,
         parallel: ParallelContext,
-        settings: OptimizerSettings,
+        optimizer: OptimizerConfig,
+        *,
+        total_steps: int | None = None,
     ):
+        """`optimizer` is the run's optimizer section (training's `optimizer:`, SFT's); the lr
+        schedule warms up over `optimizer.warmup_steps` and decays (cosine / linear) down to
+        lr x min_lr_ratio over the rest of `total_steps` optimizer steps. With `total_steps` None,
+        or a constant schedule, or no steps left after the warm-up, the rate stays at its peak."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        self.spec, self.bridge, self.parallel, self.settings = spec, bridge, parallel, settings
+        self.spec, self.bridge, self.parallel, self.optimizer_config = spec, bridge, parallel, optimizer
+        o = optimizer
         self.raw_chunks = list(chunks)
         config = self.raw_chunks[0].config
         config.calculate_per_token_loss = True
@@ -76,8 +78,7 @@ class Actor:
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=(platform.supports_distributed_optimizer()
-                                       if settings.use_distributed_optimizer is None
-                                       else settings.use_distributed_optimizer),
+                                       if o.distributed is None else o.distributed),
         )
         self.chunks = [
             DistributedDataParallel(
@@ -93,15 +94,15 @@ class Actor:
         config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
         dtype = config.params_dtype
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
+            MegatronOptimizerConfig(
                 optimizer="adam",
-                lr=settings.lr,
-                min_lr=settings.min_lr,
-                weight_decay=settings.weight_decay,
-                adam_beta1=settings.adam_beta1,
-                adam_beta2=settings.adam_beta2,
-                adam_eps=settings.adam_eps,
-                clip_grad=settings.clip_grad,
+                lr=o.lr,
+                min_lr=o.lr * o.min_lr_ratio,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.betas[0],
+                adam_beta2=o.betas[1],
+                adam_eps=o.eps,
+                clip_grad=o.grad_clip,
                 bf16=dtype == torch.bfloat16,
                 fp16=dtype == torch.float16,
                 params_dtype=dtype,
@@ -112,17 +113,11 @@ class Actor:
             pg_collection=parallel.pg_collection,
         )
         config.grad_scale_func = self.optimizer.scale_loss
-        decay_steps = settings.decay_steps or 1
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
-            init_lr=0.0 if settings.warmup_steps else settings.lr,
-            max_lr=settings.lr,
-            min_lr=settings.min_lr,
-            lr_warmup_steps=settings.warmup_steps,
-            lr_decay_steps=settings.warmup_steps + decay_steps,
-            lr_decay_style=settings.decay_style if settings.decay_steps else "constant",
-            start_wd=settings.weight_decay,
-            end_wd=settings.weight_decay,
+            **lr_schedule(o, total_steps),
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
             wd_incr_steps=1,
             wd_incr_style="constant",
         )

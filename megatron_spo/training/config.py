@@ -18,31 +18,45 @@ Layout (every leaf is settable as `section.key=value` on the command line):
     model:      hf_dir, dtype
     parallel:   tp, pp, vpp
     data:       train_files, val_files, prompt_key, answer_key, shuffle, prompt.*
-    algorithm:  name (spo | grpo | spo_chain | spo_tree | soft_spo), advantage eps,
+    algorithm:  name (spo | grpo | spo_chain | spo_tree | soft_spo), and one section per
+                algorithm holding everything only it reads:
+                spo.*       the value store (megatron_spo.value.ValueConfig), offline_values,
+                            gen_batch_size, normalize_advantages, advantage_eps, loss.*
+                grpo.*      eps, norm_by_std, loss.*
                 spo_chain.*, spo_tree.*, soft_spo.* (spo_chain / spo_tree sample with their own
                 temperature, top_p, top_k and max_response_tokens, and the loss reads log-probs
                 at that temperature; the others use rollout.*; soft_spo's loss reads log-probs at
                 temperature 1)
-    rollout:    engine, n, temperature, top_p, top_k, max_response_tokens, agent loop,
-                engine knobs, reward.*, weight_sync.*, sandbox.*
-    loss:       clip_ratio_low/high/c, loss_agg, kl_coef, kl_estimator, entropy_coef
-    optimizer:  lr, weight_decay, betas, eps, grad_clip, warmup_steps, schedule, min_lr_ratio
-    batch:      train_batch_size, gen_batch_size, mini_batch_size, micro_batch_size,
-                max_tokens_per_micro_batch, epochs
-    spo:        the value store (megatron_spo.value.ValueConfig) + offline_values file
+                (loss.*: clip_ratio_low/high/c, loss_agg, kl_coef, kl_estimator, entropy_coef)
+    rollout:    n, temperature, top_p, top_k, max_response_tokens, agent loop, offload_actor,
+                engine.* (megatron_spo.rollout.engine.EngineConfig: name, dtype, max_model_len,
+                max_num_seqs, tensor_parallel_size, kv_cache_gib, gpu_memory_utilization,
+                enable_sleep_mode), reward.*, weight_sync.*, sandbox.*
+    optimizer:  lr, weight_decay, betas, eps, grad_clip, warmup_steps, schedule, min_lr_ratio,
+                distributed
+    batch:      train_batch_size, mini_batch_size, micro_batch_size, max_tokens_per_micro_batch,
+                epochs
     checkpoint: dir, every_steps, keep_last, resume, export_hf
-    eval:       every_steps, before_train, files, n, temperature, top_p, top_k, ks
+    eval:       every_steps, before_train, files, and the evaluation itself
+                (megatron_spo.training.evaluation.EvalConfig: n, temperature, top_p, top_k,
+                max_response_tokens, ks, correct_min_score, group_by, prompts_per_call,
+                prompt_key, answer_key)
     logging:    metrics_jsonl, tensorboard, wandb, wandb_project, progress_bar
+
+Keys that moved since earlier versions (`spo.*`, `loss.*`, `batch.gen_batch_size`, the flat
+`algorithm.*` advantage settings, the engine knobs under `rollout.*`) are refused with one line
+naming their new key (`TrainConfig.MOVED`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 from megatron_spo.config import load_config
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.engine import EngineConfig
 from megatron_spo.rollout.prompts import PromptConfig
 from megatron_spo.rollout.rewards import RewardConfig
 from megatron_spo.rollout.sandbox import SandboxConfig
@@ -50,6 +64,7 @@ from megatron_spo.rollout.weight_sync import WeightSyncConfig
 from megatron_spo.training.algorithms.segment_chain import SegmentChainConfig
 from megatron_spo.training.algorithms.segment_tree import SegmentTreeConfig
 from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig
+from megatron_spo.training.evaluation import EvalConfig
 from megatron_spo.value.config import ValueConfig
 
 Algorithm = Literal["spo", "grpo", "spo_chain", "spo_tree", "soft_spo"]
@@ -121,7 +136,7 @@ class DataConfig:
     """Record field holding the ground-truth answer the reward compares against."""
     shuffle: bool = True
     """Shuffle the training prompts each epoch (seeded by `seed`); the value store's pool is
-    the next `batch.gen_batch_size` prompts of this order."""
+    the next `algorithm.spo.gen_batch_size` prompts of this order."""
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     """How prompts become token ids: answer-format suffix, chat template, length limit
     (`max_prompt_tokens`, the authors' 2048) and what happens to longer ones."""
@@ -131,107 +146,6 @@ class DataConfig:
             raise ValueError("train_files must name at least one dataset file")
         _check_files("data.train_files", self.train_files)
         _check_files("data.val_files", self.val_files)
-
-
-@dataclasses.dataclass(kw_only=True)
-class AlgorithmConfig:
-    name: Algorithm = "spo"
-    """spo: Single-stream SPO (one response per prompt, value-tracker baseline);
-    grpo: group baseline over rollout.n responses; spo_chain / spo_tree: Segment Policy
-    Optimization; soft_spo: Soft Policy Optimization."""
-    normalize_advantages: bool = True
-    """spo: normalise r - p_hat over the batch of sequences (the authors do)."""
-    spo_advantage_eps: float = 1e-8
-    """spo: added to the batch std in the normalisation (the authors' value)."""
-    grpo_eps: float = 1e-6
-    """grpo: added to the group std (verl's value)."""
-    grpo_norm_by_std: bool = True
-    """grpo: divide by the group std; False = mean-centred only (Dr. GRPO)."""
-    spo_chain: SegmentChainConfig = dataclasses.field(default_factory=SegmentChainConfig)
-    """Segment Policy Optimization, chain variant (seed 003)."""
-    spo_tree: SegmentTreeConfig = dataclasses.field(default_factory=SegmentTreeConfig)
-    """Segment Policy Optimization, tree variant (seed 003)."""
-    soft_spo: SoftSPOConfig = dataclasses.field(default_factory=SoftSPOConfig)
-    """Soft Policy Optimization (seed 004)."""
-
-    def __post_init__(self):
-        if self.spo_advantage_eps <= 0 or self.grpo_eps <= 0:
-            raise ValueError("advantage eps values must be > 0")
-
-
-@dataclasses.dataclass(kw_only=True)
-class RolloutConfig:
-    engine: Literal["hf", "vllm"] = "hf"
-    """Rollout engine: `hf` (transformers; CPU default) or `vllm`."""
-    n: int | None = None
-    """Responses per prompt. None = the algorithm's: 1 for spo (single stream), 8 for grpo (the
-    authors' GRPO baseline), 1 for the others. Resolved when the config is built."""
-    temperature: float = 1.0
-    """Training sampling temperature (the authors' / verl default: sample the policy itself)."""
-    top_p: float = 1.0
-    """Training nucleus mass; 1.0 = off (on-policy sampling)."""
-    top_k: int = -1
-    """Training top-k; -1 = off."""
-    max_response_tokens: int = 16384
-    """New tokens per response at most (the authors' 16k for Qwen3-8B)."""
-    agent: Literal["single_turn", "tool"] = "single_turn"
-    """single_turn: one completion per prompt; tool: the ReTool-style code-interpreter loop."""
-    max_assistant_turns: int = 8
-    """tool agent: assistant turns per trajectory at most (the authors' 8)."""
-    max_tool_response_tokens: int = 256
-    """tool agent: interpreter output is truncated to this many tokens (the authors' 256)."""
-    dtype: str = "float32"
-    """Engine weights' dtype (see rollout.engine.EngineConfig.dtype)."""
-    max_model_len: int | None = None
-    """Prompt + response tokens the engine holds at most (see EngineConfig.max_model_len);
-    None = the model's max_position_embeddings."""
-    max_num_seqs: int = 256
-    """Sequences decoded at once (see EngineConfig.max_num_seqs)."""
-    tensor_parallel_size: int = 1
-    """Rollout TP R: one engine per block of R consecutive ranks, R dividing the world size
-    (see EngineConfig.tensor_parallel_size); each prompt is generated by one such group and sent
-    to the ranks of the replica that trains on it (`rollout.placement`). 1 = an engine per rank."""
-    kv_cache_gib: int = 1
-    """vllm on CPU: KV-cache GiB (see EngineConfig.kv_cache_gib)."""
-    gpu_memory_utilization: float = 0.5
-    """vllm on GPU: memory share (see EngineConfig.gpu_memory_utilization)."""
-    enable_sleep_mode: bool = False
-    """Colocation: the engine sleeps at level 2 (weights and KV cache freed) while the actor
-    trains, wakes its weights for each weight sync and its KV cache to generate
-    (`training.colocation`). vllm: on GPU only (vLLM's CuMem allocator); hf: weights to host."""
-    offload_actor: bool = False
-    """Colocation: the actor's (and the reference's) weights, gradients and optimizer state go
-    to host memory while the engine generates, and come back before the actor computes (verl's
-    param / grad / optimizer offload): the KV cache gets the actor's static memory, for a
-    device-host round trip of that state each step. Bit-exact."""
-    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    """How responses are scored (math grader by default)."""
-    weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
-    """Actor -> engine weight transfer."""
-    sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
-    """Code execution for the tool agent."""
-
-    def __post_init__(self):
-        if self.n is not None and self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_response_tokens < 1 or self.max_assistant_turns < 1 or self.max_tool_response_tokens < 1:
-            raise ValueError("max_response_tokens, max_assistant_turns and max_tool_response_tokens must be >= 1")
-
-    def engine_config(self, model_dir: str, *, seed: int = 0, load_weights: bool = True):
-        """The `rollout.engine.EngineConfig` for this section (the model comes from model.hf_dir)."""
-        from megatron_spo.rollout.engine import EngineConfig
-
-        return EngineConfig(
-            model=model_dir, name=self.engine, dtype=self.dtype, seed=seed, load_weights=load_weights,
-            max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
-            tensor_parallel_size=self.tensor_parallel_size,
-            kv_cache_gib=self.kv_cache_gib, gpu_memory_utilization=self.gpu_memory_utilization,
-            enable_sleep_mode=self.enable_sleep_mode,
-        )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -262,6 +176,119 @@ class PolicyLossConfig:
             raise ValueError(f"clip_ratio_c must be > 1, got {self.clip_ratio_c}")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ValueError("kl_coef and entropy_coef must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SPOConfig(ValueConfig):
+    """Single-stream SPO: the value store's settings (megatron_spo.value.ValueConfig), where its
+    priors come from, how the batch is sampled from the pool, the advantage and the loss."""
+
+    offline_values: str | None = None
+    """offline_values.json ({prompt: [scores...]}) from `megatron-spo values estimate/merge`;
+    None = every prompt starts at Beta(0.5, 0.5)."""
+    gen_batch_size: int = 14000
+    """Sampling pool: each step draws batch.train_batch_size prompts, weighted by the value
+    tracker, from the next gen_batch_size prompts of the shuffled dataset (the authors' 14000)."""
+    normalize_advantages: bool = True
+    """Normalise r - p_hat over the batch of sequences (the authors do)."""
+    advantage_eps: float = 1e-8
+    """Added to the batch std in the normalisation (the authors' value)."""
+    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    """The PPO-clip policy loss (the authors': clip 0.2 / 0.28, dual clip 10, token-mean, no KL)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.offline_values is not None and not Path(self.offline_values).is_file():
+            raise UserError(f"offline_values: file {self.offline_values!r} does not exist")
+        if self.gen_batch_size < 1:
+            raise ValueError(f"gen_batch_size must be >= 1, got {self.gen_batch_size}")
+        if self.advantage_eps <= 0:
+            raise ValueError(f"advantage_eps must be > 0, got {self.advantage_eps}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class GRPOConfig:
+    """GRPO: the group baseline over rollout.n responses per prompt, and the loss."""
+
+    eps: float = 1e-6
+    """Added to the group std (verl's value)."""
+    norm_by_std: bool = True
+    """Divide by the group std; False = mean-centred only (Dr. GRPO)."""
+    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    """The PPO-clip policy loss (the same defaults as SPO's, for a like-for-like baseline)."""
+
+    def __post_init__(self):
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class AlgorithmConfig:
+    name: Algorithm = "spo"
+    """spo: Single-stream SPO (one response per prompt, value-tracker baseline);
+    grpo: group baseline over rollout.n responses; spo_chain / spo_tree: Segment Policy
+    Optimization; soft_spo: Soft Policy Optimization."""
+    spo: SPOConfig = dataclasses.field(default_factory=SPOConfig)
+    """Single-stream SPO: value store, offline priors, sampling pool, advantage, PPO loss."""
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    """The GRPO baseline: group advantage and PPO loss."""
+    spo_chain: SegmentChainConfig = dataclasses.field(default_factory=SegmentChainConfig)
+    """Segment Policy Optimization, chain variant (seed 003)."""
+    spo_tree: SegmentTreeConfig = dataclasses.field(default_factory=SegmentTreeConfig)
+    """Segment Policy Optimization, tree variant (seed 003)."""
+    soft_spo: SoftSPOConfig = dataclasses.field(default_factory=SoftSPOConfig)
+    """Soft Policy Optimization (seed 004)."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RolloutConfig:
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    """The rollout engine: name (`hf`, transformers, the CPU default; or `vllm`), dtype, context
+    and batch limits, rollout TP, memory and sleep (colocation) settings. Its model is
+    model.hf_dir and its seed the run's `seed` (`engine_config` fills them in)."""
+    n: int | None = None
+    """Responses per prompt. None = the algorithm's: 1 for spo (single stream), 8 for grpo (the
+    authors' GRPO baseline), 1 for the others. Resolved when the config is built."""
+    temperature: float = 1.0
+    """Training sampling temperature (the authors' / verl default: sample the policy itself)."""
+    top_p: float = 1.0
+    """Training nucleus mass; 1.0 = off (on-policy sampling)."""
+    top_k: int = -1
+    """Training top-k; -1 = off."""
+    max_response_tokens: int = 16384
+    """New tokens per response at most (the authors' 16k for Qwen3-8B)."""
+    agent: Literal["single_turn", "tool"] = "single_turn"
+    """single_turn: one completion per prompt; tool: the ReTool-style code-interpreter loop."""
+    max_assistant_turns: int = 8
+    """tool agent: assistant turns per trajectory at most (the authors' 8)."""
+    max_tool_response_tokens: int = 256
+    """tool agent: interpreter output is truncated to this many tokens (the authors' 256)."""
+    offload_actor: bool = False
+    """Colocation: the actor's (and the reference's) weights, gradients and optimizer state go
+    to host memory while the engine generates, and come back before the actor computes (verl's
+    param / grad / optimizer offload): the KV cache gets the actor's static memory, for a
+    device-host round trip of that state each step. Bit-exact."""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """How responses are scored (math grader by default)."""
+    weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
+    """Actor -> engine weight transfer."""
+    sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
+    """Code execution for the tool agent."""
+
+    def __post_init__(self):
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_response_tokens < 1 or self.max_assistant_turns < 1 or self.max_tool_response_tokens < 1:
+            raise ValueError("max_response_tokens, max_assistant_turns and max_tool_response_tokens must be >= 1")
+
+    def engine_config(self, model_dir: str, *, seed: int = 0, load_weights: bool = True) -> EngineConfig:
+        """The complete `EngineConfig`: the `engine` section with the program's model directory
+        (model.hf_dir), seed and whether to load weights filled in."""
+        return dataclasses.replace(self.engine, model=model_dir, seed=seed, load_weights=load_weights)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -302,9 +329,6 @@ class BatchConfig:
     train_batch_size: int = 768
     """Prompts per training step (the DESIGN reference run: 768 prompts x 1 response for SPO;
     the GRPO baseline uses 96 prompts x 8)."""
-    gen_batch_size: int = 14000
-    """SPO sampling pool: each step draws train_batch_size prompts, weighted by the value
-    tracker, from the next gen_batch_size prompts of the shuffled dataset (the authors' 14000)."""
     mini_batch_size: int = 96
     """Prompts per optimizer step (the authors' 96 for SPO, i.e. 8 updates per step); with
     rollout.n > 1 a mini-batch holds mini_batch_size * n sequences (verl semantics)."""
@@ -317,7 +341,7 @@ class BatchConfig:
     """Passes over each step's rollout batch (PPO epochs; the authors' 1)."""
 
     def __post_init__(self):
-        for name in ("train_batch_size", "gen_batch_size", "mini_batch_size", "micro_batch_size", "epochs"):
+        for name in ("train_batch_size", "mini_batch_size", "micro_batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_batch_size % self.mini_batch_size:
@@ -326,20 +350,6 @@ class BatchConfig:
             )
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             raise ValueError("max_tokens_per_micro_batch must be >= 1 or null")
-
-
-@dataclasses.dataclass(kw_only=True)
-class SPOConfig(ValueConfig):
-    """The value store's settings (megatron_spo.value.ValueConfig) plus where its priors come from."""
-
-    offline_values: str | None = None
-    """offline_values.json ({prompt: [scores...]}) from `megatron-spo values estimate/merge`;
-    None = every prompt starts at Beta(0.5, 0.5)."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.offline_values is not None and not Path(self.offline_values).is_file():
-            raise UserError(f"spo.offline_values: file {self.offline_values!r} does not exist")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -361,7 +371,10 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
-class EvalConfig:
+class TrainEvalConfig(EvalConfig):
+    """The periodic evaluation during training: when and on what (the schedule below), and how
+    (`megatron_spo.training.evaluation.EvalConfig`, with the defaults training uses)."""
+
     every_steps: int = 20
     """Evaluate every this many steps (the authors' test_freq); 0 = only at the end."""
     before_train: bool = False
@@ -371,23 +384,18 @@ class EvalConfig:
     n: int = 16
     """Samples per prompt: accuracy is avg@n, and pass@k / maj@k use them (the authors' 16;
     the paper reports maj@32 with n = 32)."""
-    temperature: float = 0.6
-    """Evaluation sampling temperature (the authors')."""
-    top_p: float = 0.95
-    """Evaluation nucleus mass (the authors')."""
-    top_k: int = 20
-    """Evaluation top-k (the authors')."""
     max_response_tokens: int | None = None
-    """None = rollout.max_response_tokens."""
-    ks: list[int] | None = None
-    """k values for pass@k and maj@k; None = 1, 2, 4, ..., n."""
+    """New tokens per response at most; None = rollout.max_response_tokens."""
+    prompt_key: str | None = None
+    """Record field of the prompt in the evaluation sets; None = data.prompt_key."""
+    answer_key: str | None = None
+    """Record field of the ground truth in the evaluation sets; None = data.answer_key."""
 
     def __post_init__(self):
+        super().__post_init__()
         _check_files("eval.files", self.files)
-        if self.n < 1 or self.every_steps < 0:
-            raise ValueError(f"need n >= 1 and every_steps >= 0, got {self.n}, {self.every_steps}")
-        if self.ks is not None and any(not 1 <= k <= self.n for k in self.ks):
-            raise ValueError(f"every k in ks must be within 1..n={self.n}, got {self.ks}")
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0, got {self.every_steps}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -436,8 +444,25 @@ class DryRunConfig:
         return self.nodes * self.gpus_per_node
 
 
+_ENGINE_KEYS = ("dtype", "max_model_len", "max_num_seqs", "tensor_parallel_size", "kv_cache_gib",
+                "gpu_memory_utilization", "enable_sleep_mode")
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
+    MOVED: ClassVar[dict[str, str | tuple[str, ...]]] = {
+        "spo": "algorithm.spo",
+        "loss": ("algorithm.spo.loss", "algorithm.grpo.loss"),
+        "batch.gen_batch_size": "algorithm.spo.gen_batch_size",
+        "algorithm.normalize_advantages": "algorithm.spo.normalize_advantages",
+        "algorithm.spo_advantage_eps": "algorithm.spo.advantage_eps",
+        "algorithm.grpo_eps": "algorithm.grpo.eps",
+        "algorithm.grpo_norm_by_std": "algorithm.grpo.norm_by_std",
+        "rollout.engine": "rollout.engine.name",
+        **{f"rollout.{key}": f"rollout.engine.{key}" for key in _ENGINE_KEYS},
+    }
+    """Old key -> new key(s): a config that still uses an old key is refused naming the new one."""
+
     model: ModelConfig
     """The policy to start from."""
     data: DataConfig
@@ -449,7 +474,9 @@ class TrainConfig:
     total_steps: int | None = None
     """Training steps; None = total_epochs passes over the training prompts."""
     total_epochs: int = 500
-    """Passes over the data when total_steps is None (the authors' 500: run until stopped)."""
+    """Passes over the training prompts when total_steps is None (the authors' 500: run until
+    stopped). A step consumes SPO's pool of algorithm.spo.gen_batch_size prompts (the authors'
+    dataloader batch), the other algorithms' batch.train_batch_size; `data/epoch` reports it."""
     max_generated_tokens: int | None = None
     """Also stop once the run has generated this many tokens (`rollout/total_generated_tokens`:
     responses, SPO-chain continuations and SPO-tree nodes count; soft-SPO's one-off reference
@@ -458,12 +485,10 @@ class TrainConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
-    loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
-    spo: SPOConfig = dataclasses.field(default_factory=SPOConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    eval: TrainEvalConfig = dataclasses.field(default_factory=TrainEvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     dry_run: DryRunConfig = dataclasses.field(default_factory=DryRunConfig)
     """The simulated cluster of `train --dry-run` (read only by the dry run)."""
@@ -488,22 +513,29 @@ class TrainConfig:
                 f"rollout.n={self.rollout.n}: algorithm 'grpo' needs at least 2 responses per prompt "
                 "for a group baseline"
             )
-        if name in ("spo_chain", "spo_tree", "soft_spo"):
-            if self.loss.kl_coef or self.loss.entropy_coef:
-                where = f"algorithm.{name}.loss" if name != "soft_spo" else "algorithm.soft_spo (beta)"
-                raise UserError(f"loss.kl_coef / loss.entropy_coef apply to spo and grpo; {name} takes its "
-                                f"reference terms from {where}")
         if name in ("spo_chain", "spo_tree") and self.rollout.agent == "tool":
             raise UserError(f"rollout.agent=tool: {name} cuts responses into segments and continues them, "
                             "which does not cross tool output; use spo, grpo or soft_spo with the tool agent")
         if name == "spo_tree" and self.rollout.n != 1:
             raise UserError(f"rollout.n={self.rollout.n}: spo_tree samples by its branching factors "
                             "(algorithm.spo_tree.branching_factors); leave n at 1")
-        if name == "spo" and self.batch.gen_batch_size < self.batch.train_batch_size:
+        if name == "spo" and self.algorithm.spo.gen_batch_size < self.batch.train_batch_size:
             raise UserError(
-                f"batch.gen_batch_size ({self.batch.gen_batch_size}) must be >= batch.train_batch_size "
-                f"({self.batch.train_batch_size}): the batch is drawn from that pool"
+                f"algorithm.spo.gen_batch_size ({self.algorithm.spo.gen_batch_size}) must be >= "
+                f"batch.train_batch_size ({self.batch.train_batch_size}): the batch is drawn from that pool"
             )
+
+    def run_steps(self, num_prompts: int, prompts_per_step: int) -> int:
+        """Training steps of the run: `total_steps`, or `total_epochs` passes over `num_prompts`
+        prompts of which a step consumes `prompts_per_step` from the data order (SPO: its pool of
+        `algorithm.spo.gen_batch_size`; the others: `batch.train_batch_size`)."""
+        return self.total_steps or self.total_epochs * max(1, num_prompts // prompts_per_step)
+
+    def optimizer_steps(self, steps: int) -> int:
+        """Optimizer steps in `steps` training steps (one per mini-batch and epoch), the unit of the
+        LR schedule's warm-up and decay."""
+        b = self.batch
+        return steps * b.epochs * (b.train_batch_size // b.mini_batch_size)
 
     def check_world_size(self, world_size: int) -> int:
         """Refuse parallel / batch sizes that cannot be laid out on `world_size` ranks; return DP.
@@ -518,10 +550,10 @@ class TrainConfig:
                 f"{world_size} (torchrun nodes x processes per node)"
             )
         dp = world_size // (tp * pp)
-        rollout_tp = self.rollout.tensor_parallel_size
+        rollout_tp = self.rollout.engine.tensor_parallel_size
         if rollout_tp < 1 or world_size % rollout_tp:
             raise UserError(
-                f"rollout.tensor_parallel_size ({rollout_tp}) must divide the world size {world_size}: "
+                f"rollout.engine.tensor_parallel_size ({rollout_tp}) must divide the world size {world_size}: "
                 f"an engine spans a block of that many consecutive ranks"
             )
         n = self.rollout.n or 1
@@ -541,6 +573,17 @@ class TrainConfig:
     @property
     def eval_files(self) -> list[str]:
         return list(self.eval.files) or list(self.data.val_files)
+
+    def eval_config(self) -> EvalConfig:
+        """The `EvalConfig` the periodic evaluation runs with: eval.* with its training defaults
+        resolved (response length from rollout.*, record fields from data.*). Pass it to
+        `evaluation.evaluate` with `prompt=data.prompt` and `seed=seed`."""
+        e = self.eval
+        return EvalConfig(**{f.name: getattr(e, f.name) for f in dataclasses.fields(EvalConfig)} | {
+            "max_response_tokens": e.max_response_tokens or self.rollout.max_response_tokens,
+            "prompt_key": e.prompt_key or self.data.prompt_key,
+            "answer_key": e.answer_key or self.data.answer_key,
+        })
 
 
 def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:

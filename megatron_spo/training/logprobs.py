@@ -19,6 +19,7 @@ import torch
 from megatron_spo import platform
 
 from megatron_spo.platform import ParallelContext
+from megatron_spo.training.microbatch import microbatches, microbatches_by_tokens
 from megatron_spo.training.schedule import run_microbatches
 
 
@@ -122,38 +123,6 @@ def vocab_parallel_logprobs(
     logprobs, entropy = _VocabParallelLogprobEntropy.apply(logits, targets, float(temperature), tp_group,
                                                            int(chunk_tokens))
     return logprobs, (entropy if with_entropy else None)
-
-
-def microbatches(tensors: dict[str, torch.Tensor], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Split a dict of (B, ...) tensors into micro-batches of at most `micro_batch_size` rows."""
-    batch = next(iter(tensors.values())).shape[0]
-    return [
-        {k: v[start : start + micro_batch_size] for k, v in tensors.items()}
-        for start in range(0, batch, micro_batch_size)
-    ]
-
-
-def microbatches_by_tokens(
-    tensors: dict[str, torch.Tensor], lengths: torch.Tensor, max_tokens: int
-) -> list[dict[str, torch.Tensor]]:
-    """Dynamic batching: pack the rows of (B, T) tensors into micro-batches of at most
-    `max_tokens` padded tokens (rows x longest row), longest rows first, each cut to its longest
-    row, so short responses do not pay for the longest one. `lengths` (B,) are the real lengths.
-    A row longer than the budget gets a micro-batch of its own.
-    """
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    groups: list[list[int]] = []
-    for row in order:
-        if groups and (len(groups[-1]) + 1) * int(lengths[groups[-1][0]]) <= max_tokens:
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    out = []
-    for rows in groups:
-        index = torch.tensor(sorted(rows))
-        width = int(lengths[index].max())
-        out.append({k: v[index][:, :width] if v.dim() >= 2 else v[index] for k, v in tensors.items()})
-    return out
 
 
 @torch.no_grad()

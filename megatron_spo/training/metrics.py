@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_spo.config import write_text_atomic
+from megatron_spo import atomic
 
 METRICS_FILE = "metrics.jsonl"
 REWARD_KEY = "reward/mean"
@@ -78,7 +78,7 @@ class MetricsLogger:
             path = self.run_dir / METRICS_FILE
             if resume_step is not None and path.exists():
                 kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
-                write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+                atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             self._jsonl = open(path, "a")
         if tensorboard:
             try:

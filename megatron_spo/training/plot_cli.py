@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 from megatron_spo.training.metrics import (
     ACCURACY_SUFFIX,
@@ -113,10 +114,9 @@ def plot_runs(run_dirs: list[str], out_dir: str | os.PathLike, extra_keys: list[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "curves.png"
-    tmp = out_dir / ".curves.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic.open_for_write(path) as fh:
+        fig.savefig(fh, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -1,6 +1,7 @@
 """The frozen reference policy: a second Megatron model, sharded exactly like the actor.
 
-Used for the KL penalty of PPO-style losses (`loss.kl_coef`, the segment algorithms' k3 term) and
+Used for the KL penalty of PPO-style losses (`algorithm.spo.loss.kl_coef` /
+`algorithm.grpo.loss.kl_coef`, the segment algorithms' k3 term) and
 by Soft Policy Optimization, whose per-token advantage is `beta (log pi_theta - log pi_ref)` and
 whose Q0 is estimated from reference samples. The weights are the run's starting point
 (`model.hf_dir`), loaded at the actor's TP / PP layout, so reference log-probabilities are computed

@@ -31,7 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -39,13 +39,32 @@ import torch
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.prompts import load_tokenizer  # noqa: F401  (re-exported for the CLI)
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts
+from megatron_spo.training.config import OptimizerConfig
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+_OPTIMIZER_KEYS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "betas", "eps", "grad_clip")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SFTOptimizerConfig(OptimizerConfig):
+    """The RL optimizer section (`training.config.OptimizerConfig`) with supervised fine-tuning's
+    defaults where they differ: a larger rate, a cosine decay, no weight decay."""
+
+    lr: float = 1e-5
+    """Peak learning rate; 1e-5 is a common full-parameter SFT rate for 1-10B models (tiny
+    random-init models want ~1e-3)."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay; 0 keeps the warm start close to the base model."""
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    """Decay after warm-up down to min_lr_ratio * lr at the last step; cosine is the usual SFT choice."""
 
 
 @dataclasses.dataclass(kw_only=True)
 class SFTConfig:
     """Everything `megatron-spo sft` reads."""
+
+    MOVED: ClassVar[dict[str, str]] = {key: f"optimizer.{key}" for key in _OPTIMIZER_KEYS}
+    """Old key -> new key: a config that still uses an old key is refused naming the new one."""
 
     model: str
     """Starting model: a Hugging Face directory (config, safetensors, tokenizer) or a megatron-spo
@@ -75,23 +94,9 @@ class SFTConfig:
     micro_batch_size: int = 8
     """Examples per forward/backward on one rank; bounds activation memory only (the step's
     result does not depend on it)."""
-    lr: float = 1e-5
-    """Peak learning rate; 1e-5 is a common full-parameter SFT rate for 1-10B models (tiny
-    random-init models want ~1e-3)."""
-    min_lr_ratio: float = 0.0
-    """Floor of the decay as a fraction of `lr`."""
-    warmup_steps: int = 0
-    """Linear warm-up from 0 to `lr` over this many steps."""
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    """Decay after warm-up down to min_lr_ratio * lr at the last step; cosine is the usual SFT choice."""
-    weight_decay: float = 0.0
-    """Decoupled (AdamW) weight decay; 0 keeps the warm start close to the base model."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam (beta1, beta2)."""
-    eps: float = 1e-8
-    """Adam epsilon."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip; 0 disables it."""
+    optimizer: SFTOptimizerConfig = dataclasses.field(default_factory=SFTOptimizerConfig)
+    """Adam and the lr schedule (the RL run's section, with SFT's defaults: lr 1e-5, cosine
+    decay over the run's steps, no weight decay)."""
     seed: int = 0
     """Seed of the data order and of model building."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -118,10 +123,6 @@ class SFTConfig:
             raise UserError(f"max_steps must be >= 1 (or null to use epochs), got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:
             raise UserError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr < 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("lr, warmup_steps, weight_decay and grad_clip must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if Path(self.out).resolve() == Path(self.model).resolve():
             raise UserError(f"out ({self.out}) must differ from model: the starting weights would be replaced")
 
@@ -289,24 +290,6 @@ def total_steps(config: SFTConfig, num_examples: int) -> int:
 # ----------------------------------------------------------------------------- training
 
 
-def optimizer_settings(config: SFTConfig, steps: int):
-    from megatron_spo.training.actor import OptimizerSettings
-
-    decays = config.schedule != "constant" and steps > config.warmup_steps
-    return OptimizerSettings(
-        lr=config.lr,
-        min_lr=config.lr * config.min_lr_ratio,
-        weight_decay=config.weight_decay,
-        adam_beta1=config.betas[0],
-        adam_beta2=config.betas[1],
-        adam_eps=config.eps,
-        clip_grad=config.grad_clip,
-        warmup_steps=config.warmup_steps,
-        decay_steps=(steps - config.warmup_steps) if decays else None,
-        decay_style=config.schedule,
-    )
-
-
 def check_inputs(config: SFTConfig) -> None:
     """Cheap checks before any process group, model or output exists."""
     from megatron_spo.models.checkpoint import hf_side_dir_of, read_checkpoint_meta, is_mcore_checkpoint
@@ -324,6 +307,42 @@ def check_inputs(config: SFTConfig) -> None:
         raise UserError(f"out: {config.out} already exists (set overwrite=true to replace it)")
 
 
+def _check_layout(config: SFTConfig, parallel) -> None:
+    """The process groups match the config's tp/pp and split the global batch evenly."""
+    if (parallel.tp, parallel.pp) != (config.tp, config.pp):
+        raise UserError(f"tp/pp of the config ({config.tp}, {config.pp}) differ from the process groups "
+                        f"({parallel.tp}, {parallel.pp})")
+    if config.global_batch_size % parallel.dp:
+        raise UserError(f"global_batch_size={config.global_batch_size} is not a multiple of the data-parallel "
+                        f"size {parallel.dp} (world size {parallel.world_size} / tp {config.tp} / pp {config.pp})")
+
+
+def _train_one_step(actor, dataset: SFTDataset, config: SFTConfig, parallel, step: int, pad_id: int) -> dict[str, Any]:
+    """One optimizer step on this rank's share of global batch `step`; returns its metrics record."""
+    from megatron_spo.training.actor import lm_loss
+
+    step_start = time.perf_counter()
+    global_batch = step_indices(len(dataset.examples), config.global_batch_size, step, config.seed)
+    local = [dataset.examples[i] for i in dp_shard(global_batch, parallel.dp_rank, parallel.dp)]
+    microbatches = make_microbatches(local, config.micro_batch_size, pad_id, same_width=parallel.pp > 1)
+    lr = actor.optimizer.param_groups[0]["lr"]  # train_step reports the next step's rate
+    result = actor.train_step(microbatches, lm_loss)
+    seconds = time.perf_counter() - step_start
+    # every rank knows the whole global batch, so the token count needs no communication
+    tokens = sum(len(dataset.examples[i].input_ids) for i in global_batch)
+    return {
+        "step": step + 1,
+        "loss": result["nll_sum"] / max(result["count"], 1.0),
+        "response_tokens": int(result["count"]),
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "step_seconds": seconds,
+        "grad_norm": result["grad_norm"],
+        "lr": lr,
+        "skipped": result["skipped"],
+    }
+
+
 def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> dict[str, Any]:
     """Train `config.model` on the supervised pairs and write the result to `config.out`.
 
@@ -335,15 +354,10 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
     from megatron_spo import platform
     from megatron_spo.config import save_config
     from megatron_spo.models.checkpoint import hf_side_dir_of, load_pretrained, parse_dtype, save_hf_checkpoint
-    from megatron_spo.training.actor import Actor, lm_loss
+    from megatron_spo.training.actor import Actor
 
-    if (parallel.tp, parallel.pp) != (config.tp, config.pp):
-        raise UserError(f"tp/pp of the config ({config.tp}, {config.pp}) differ from the process groups "
-                        f"({parallel.tp}, {parallel.pp})")
+    _check_layout(config, parallel)
     check_inputs(config)
-    if config.global_batch_size % parallel.dp:
-        raise UserError(f"global_batch_size={config.global_batch_size} is not a multiple of the data-parallel "
-                        f"size {parallel.dp} (world size {parallel.world_size} / tp {config.tp} / pp {config.pp})")
     is_main = parallel.rank == 0
     side_dir = hf_side_dir_of(config.model)
     tokenizer = load_tokenizer(side_dir)
@@ -355,7 +369,7 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
 
     platform.seed_everything(config.seed, tp_rank=parallel.tp_rank, pp_rank=parallel.pp_rank)
     spec, chunks, bridge = load_pretrained(config.model, parallel, dtype=dtype, seed=config.seed)
-    actor = Actor(spec, chunks, bridge, parallel, optimizer_settings(config, steps))
+    actor = Actor(spec, chunks, bridge, parallel, config.optimizer, total_steps=steps)
 
     metrics_path = config.metrics_path
     metrics_file = None
@@ -370,26 +384,7 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
     start = time.perf_counter()
     try:
         for step in range(steps):
-            step_start = time.perf_counter()
-            global_batch = step_indices(len(dataset.examples), config.global_batch_size, step, config.seed)
-            local = [dataset.examples[i] for i in dp_shard(global_batch, parallel.dp_rank, parallel.dp)]
-            microbatches = make_microbatches(local, config.micro_batch_size, pad_id, same_width=parallel.pp > 1)
-            lr = actor.optimizer.param_groups[0]["lr"]  # train_step reports the next step's rate
-            result = actor.train_step(microbatches, lm_loss)
-            seconds = time.perf_counter() - step_start
-            # every rank knows the whole global batch, so the token count needs no communication
-            tokens = sum(len(dataset.examples[i].input_ids) for i in global_batch)
-            record = {
-                "step": step + 1,
-                "loss": result["nll_sum"] / max(result["count"], 1.0),
-                "response_tokens": int(result["count"]),
-                "tokens": tokens,
-                "tokens_per_s": tokens / seconds,
-                "step_seconds": seconds,
-                "grad_norm": result["grad_norm"],
-                "lr": lr,
-                "skipped": result["skipped"],
-            }
+            record = _train_one_step(actor, dataset, config, parallel, step, pad_id)
             history.append(record)
             if is_main:
                 metrics_file.write(json.dumps(record) + "\n")

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                         help=".jsonl/.json/.parquet file; repeat for several (key: data_files)")
     parser.add_argument("--out", help="output HF directory (key: out)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (key: overwrite)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-5 max_steps=200")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optimizer.lr=1e-5 max_steps=200")
     return parser
 
 

@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
             last = trainer.fit()
         except KeyboardInterrupt:
             interrupted = True
-            from megatron_spo.training.trainer import complete_checkpoints
+            from megatron_spo.training.checkpointing import complete_checkpoints
 
             done = complete_checkpoints(Path(config.run_dir) / "checkpoints")
             raise KeyboardInterrupt(

@@ -10,10 +10,9 @@ estimate step can run one subset per job, as in the authors' recipe (step 1 of s
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 
 
@@ -57,14 +56,8 @@ def split_dataset(dataset_path: str, output_dir: str, num_subsets: int, split: s
     for index in range(num_subsets):
         shard = dataset.shard(num_shards=num_subsets, index=index, contiguous=True)
         path = out / f"subset_{index}.parquet"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            shard.to_parquet(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic.open_for_write(path) as fh:
+            shard.to_parquet(fh)
         paths.append(path)
     return paths
 

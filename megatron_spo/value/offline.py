@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -151,11 +152,8 @@ def load_offline_values(path: str | os.PathLike) -> dict[str, list[float]]:
 
 
 def write_offline_values(path: str | os.PathLike, mapping: Mapping[str, Sequence[float]]) -> None:
-    """Write `{prompt: [scores...]}` atomically (temporary file + os.replace)."""
-    from megatron_spo.value.store import _atomic_write_bytes
-
-    payload = json.dumps(mapping, ensure_ascii=False, indent=1).encode("utf-8")
-    _atomic_write_bytes(Path(path), lambda fh: fh.write(payload))
+    """Write `{prompt: [scores...]}` atomically (`megatron_spo.atomic`)."""
+    atomic.write_text(path, json.dumps(mapping, ensure_ascii=False, indent=1))
 
 
 # ----------------------------------------------------------------------------- merge
@@ -255,31 +253,10 @@ def merge_offline_values(
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line_no, line in enumerate(fh, start=1):
                 where = f"{path}:{line_no}"
-                if not line.strip():
+                parsed = _prompt_and_score(line, where, template, strip_suffixes, report)
+                if parsed is None:
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    report.skip("malformed JSON", where)
-                    continue
-                if not isinstance(record, dict):
-                    report.skip("not a JSON object", where)
-                    continue
-                score, problem = _score_of(record)
-                if problem:
-                    report.skip(problem, where)
-                    continue
-                raw = record.get("prompt")
-                if isinstance(raw, str):
-                    prompt = extract_user_prompt(raw, "plain", strip_suffixes)
-                elif isinstance(record.get("input"), str):
-                    prompt = extract_user_prompt(record["input"], template, strip_suffixes)
-                else:
-                    report.skip("record without 'input' text", where)
-                    continue
-                if not prompt:
-                    report.skip(f"no user prompt found (template {template})", where)
-                    continue
+                prompt, score = parsed
                 if prompt in first_file and first_file[prompt] != path and prompt not in duplicated:
                     duplicated.add(prompt)
                     report.examples.setdefault("duplicate", f"{first_file[prompt]} and {where}")
@@ -304,6 +281,49 @@ def merge_offline_values(
             + ", ".join(f"{n} {reason} e.g. {report.examples[reason]}" for reason, n in report.skipped.items())
             + ")"
         )
+    merged = _subsample(scores_by_prompt, max_scores_per_prompt, seed, report)
+    report.prompts = len(merged)
+    return merged, report
+
+
+def _prompt_and_score(
+    line: str, where: str, template: str, strip_suffixes: Sequence[str], report: MergeReport
+) -> tuple[str, float] | None:
+    """(user prompt, score) of one estimate-step line; None for a blank line or a bad one, which is
+    counted in `report` under its reason."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        report.skip("malformed JSON", where)
+        return None
+    if not isinstance(record, dict):
+        report.skip("not a JSON object", where)
+        return None
+    score, problem = _score_of(record)
+    if problem:
+        report.skip(problem, where)
+        return None
+    raw = record.get("prompt")
+    if isinstance(raw, str):
+        prompt = extract_user_prompt(raw, "plain", strip_suffixes)
+    elif isinstance(record.get("input"), str):
+        prompt = extract_user_prompt(record["input"], template, strip_suffixes)
+    else:
+        report.skip("record without 'input' text", where)
+        return None
+    if not prompt:
+        report.skip(f"no user prompt found (template {template})", where)
+        return None
+    return prompt, score
+
+
+def _subsample(
+    scores_by_prompt: dict[str, list[float]], max_scores_per_prompt: int, seed: int, report: MergeReport
+) -> dict[str, list[float]]:
+    """Each prompt's scores, at most `max_scores_per_prompt` of them: a random subset (numpy
+    Generator seeded with `seed`, prompts in sorted order) where there are more."""
     rng = np.random.default_rng(seed)
     merged: dict[str, list[float]] = {}
     for prompt in sorted(scores_by_prompt):
@@ -313,5 +333,4 @@ def merge_offline_values(
             scores = [scores[i] for i in keep]
             report.subsampled += 1
         merged[prompt] = scores
-    report.prompts = len(merged)
-    return merged, report
+    return merged

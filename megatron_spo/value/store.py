@@ -24,6 +24,11 @@ on GPU, hand in Megatron's gloo data-parallel group, not the NCCL one.
 Checkpoints (`save` / `load`) write one shard per rank atomically plus a manifest; a checkpoint
 written at any DP size loads at any other (each rank keeps the keys it owns under the new size),
 bit-identical, since values are only moved, never recomputed.
+
+This module stays whole (over the project's 600-line guide) on purpose: the key index, the
+response table and the store share one sharding contract (which rank owns a key, how entries
+travel, when all ranks must agree before a collective), and splitting them would spread that
+contract over files that each only make sense together.
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 from megatron_spo.value import tracker
 from megatron_spo.value.config import ValueConfig
@@ -195,22 +200,6 @@ def _ragged_index(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     starts_in_output = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     # position = offset of its segment + rank within the segment
     return np.repeat(offsets - starts_in_output, lengths) + np.arange(total)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write a file through a temporary sibling and os.replace, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ValueStore:
@@ -698,7 +687,8 @@ class ValueStore:
         state = self.state_dict()
         arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
         shard = directory / _shard_name(self.dp_rank, self.dp_size)
-        _atomic_write_bytes(shard, lambda fh: np.savez(fh, **arrays))
+        with atomic.open_for_write(shard) as fh:
+            np.savez(fh, **arrays)
         if self.dp_size > 1:
             torch.distributed.barrier(group=self.group)
         if self.dp_rank == 0:
@@ -708,7 +698,7 @@ class ValueStore:
                 "shards": [_shard_name(r, self.dp_size) for r in range(self.dp_size)],
                 "config": dataclasses.asdict(self.config),
             }
-            _atomic_write_bytes(directory / _MANIFEST, lambda fh: fh.write(json.dumps(manifest, indent=1).encode()))
+            atomic.write_json(directory / _MANIFEST, manifest, indent=1)
         if self.dp_size > 1:
             torch.distributed.barrier(group=self.group)
 

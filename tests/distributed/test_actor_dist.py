@@ -30,8 +30,9 @@ def _batch(seed=3, batch=4, seq=10):
 def _adam_steps(rank, world_size, hf_dirs, steps):
     from megatron_spo import platform
     from megatron_spo.models.checkpoint import load_pretrained
-    from megatron_spo.training.actor import Actor, OptimizerSettings, lm_loss
-    from megatron_spo.training.logprobs import microbatches
+    from megatron_spo.training.actor import Actor, lm_loss
+    from megatron_spo.training.config import OptimizerConfig
+    from megatron_spo.training.microbatch import microbatches
 
     out = {}
     for family, hf_dir in hf_dirs.items():
@@ -40,7 +41,7 @@ def _adam_steps(rank, world_size, hf_dirs, steps):
             spec, chunks, bridge = load_pretrained(hf_dir, ctx)
             # Adam divides by sqrt(v) + eps: with a tiny eps, coordinates whose gradient is ~1e-9
             # turn fp32 summation-order noise into visible updates, so eps is kept moderate.
-            actor = Actor(spec, chunks, bridge, ctx, OptimizerSettings(lr=1e-3, clip_grad=1.0, adam_eps=1e-4))
+            actor = Actor(spec, chunks, bridge, ctx, OptimizerConfig(lr=1e-3, grad_clip=1.0, eps=1e-4, weight_decay=0.0))
             history = [actor.train_step(microbatches(_batch(), 2), lm_loss) for _ in range(steps)]
             params = {k: v.clone() for k, v in actor.export_hf()}
             out[(family, tp, pp)] = {"history": history, "params": params}
@@ -77,13 +78,14 @@ def test_adam_steps_at_tp2_and_pp2_match_unsplit(spawn, tmp_path):
 def _steps_with_recompute(rank, world_size, hf_dir, recompute):
     from megatron_spo import platform
     from megatron_spo.models.checkpoint import load_pretrained
-    from megatron_spo.training.actor import Actor, OptimizerSettings, lm_loss
-    from megatron_spo.training.logprobs import microbatches
+    from megatron_spo.training.actor import Actor, lm_loss
+    from megatron_spo.training.config import OptimizerConfig
+    from megatron_spo.training.microbatch import microbatches
 
     ctx = platform.init_distributed(2, 1)
     spec, chunks, bridge = load_pretrained(hf_dir, ctx, recompute=recompute)
     assert chunks[0].config.recompute_granularity == (None if recompute == "none" else "full")
-    actor = Actor(spec, chunks, bridge, ctx, OptimizerSettings(lr=1e-3, clip_grad=1.0, adam_eps=1e-4))
+    actor = Actor(spec, chunks, bridge, ctx, OptimizerConfig(lr=1e-3, grad_clip=1.0, eps=1e-4, weight_decay=0.0))
     history = [actor.train_step(microbatches(_batch(), 2), lm_loss) for _ in range(2)]
     return {"history": history, "params": {k: v.clone() for k, v in actor.export_hf()}}
 

@@ -10,7 +10,7 @@ from helpers import algorithm_setup, merge, probe_at_generate, tiny_train_setup
 
 pytestmark = pytest.mark.distributed
 
-COLOCATE = {"rollout": {"enable_sleep_mode": True, "offload_actor": True}}
+COLOCATE = {"rollout": {"engine": {"enable_sleep_mode": True}, "offload_actor": True}}
 
 
 def _run(rank, world_size, overrides, steps):

@@ -30,17 +30,14 @@ def _train(rank, world_size, overrides, steps, tp=1, pp=1):
     cfg = from_dict(TrainConfig, {**overrides, "total_steps": steps, "parallel": {"tp": tp, "pp": pp}})
     trainer = Trainer(cfg)
     history = []
-    while trainer.step < steps:
-        metrics = trainer.train_step()
-        history.append({k: v for k, v in metrics.items() if not k.startswith(VOLATILE)})
-        if cfg.checkpoint.every_steps and trainer.step % cfg.checkpoint.every_steps == 0:
-            trainer.save_checkpoint()
+    trainer.fit(on_step=lambda step, metrics: history.append(
+        {k: v for k, v in metrics.items() if not k.startswith(VOLATILE)}))
     params = {k: v.clone() for k, v in trainer.actor.export_hf()}
     optimizer = _optimizer_state(trainer.actor.optimizer)
     store = None
-    if trainer.store is not None:
+    if getattr(trainer.algorithm, "store", None) is not None:  # SPO's value store
         keys = sorted({p.key for p in trainer.prompts})
-        store = trainer.store.posteriors(keys)
+        store = trainer.algorithm.store.posteriors(keys)
     trainer.close()
     return {"history": history, "params": params, "optimizer": optimizer, "store": store,
             "start": steps - len(history)}
@@ -95,7 +92,7 @@ def test_resume_at_dp2_restores_optimizer_state(spawn, tmp_path, optimizer):
     # parameter's Adam state under another parameter's key there (megatron-core 0.16.1)
     config = merge(tiny_train_setup(tmp_path, family="qwen2"), {**extra, "run_dir": str(tmp_path / "run"), "checkpoint": {"every_steps": 1}})
     full = spawn(2, _train, config, 2)  # checkpoints after steps 1 and 2
-    from megatron_spo.training.trainer import STATE_FILE
+    from megatron_spo.training.checkpointing import STATE_FILE
 
     (tmp_path / "run" / "checkpoints" / "step_00000002" / STATE_FILE).unlink()  # step 1's is now the latest
     resumed = spawn(2, _train, config, 2)
@@ -169,7 +166,7 @@ def test_kill_during_checkpoint_write_is_ignored_on_resume(tmp_path, kill):
     proc.wait()
     _, alive = psutil.wait_procs(started, timeout=10)
     assert not alive, f"outlived the killed run: {[(p.pid, ' '.join(p.cmdline())[:80]) for p in alive]}"
-    from megatron_spo.training.trainer import complete_checkpoints
+    from megatron_spo.training.checkpointing import complete_checkpoints
 
     complete = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in complete] == ["step_00000001"]

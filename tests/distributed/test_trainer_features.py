@@ -40,28 +40,49 @@ class ScriptedToolEngine:
         return results
 
 
-def _tool_agent_step(rank, world_size, config):
-    import megatron_spo.rollout.engine as engine_module
-    from megatron_spo.config import from_dict
-    from megatron_spo.rollout.prompts import load_tokenizer
-    from megatron_spo.training.config import TrainConfig
-    from megatron_spo.training.trainer import Trainer
+class Recording:
+    """The configured algorithm, recording the rollout and the batch it prepares (the public
+    algorithm protocol: `TrainerParts.algorithm`)."""
 
-    real = engine_module.make_engine
-    engine_module.make_engine = lambda cfg: ScriptedToolEngine(real(cfg), load_tokenizer(cfg.model))
-    trainer = Trainer(from_dict(TrainConfig, config))
-    rollout = trainer._build_rollout(trainer._next_prompts())
-    seq = trainer._sequences(rollout)
+    def __init__(self, algorithm):
+        self.algorithm, self.seen = algorithm, []
+
+    def __getattr__(self, name):
+        return getattr(self.algorithm, name)
+
+    def prepare(self, ctx, rollout, batch, old):
+        self.seen.append((rollout, batch))
+        return self.algorithm.prepare(ctx, rollout, batch, old)
+
+
+def _tool_agent_step(rank, world_size, config):
+    from megatron_spo.config import from_dict
+    from megatron_spo.models.checkpoint import hf_side_dir_of
+    from megatron_spo.rollout.engine import make_engine
+    from megatron_spo.rollout.prompts import load_tokenizer
+    from megatron_spo.training import algorithms
+    from megatron_spo.training.config import TrainConfig
+    from megatron_spo.training.trainer import Trainer, TrainerParts
+
+    cfg = from_dict(TrainConfig, config)
+    model_dir = str(hf_side_dir_of(cfg.model.hf_dir))
+    engine = ScriptedToolEngine(make_engine(cfg.rollout.engine_config(model_dir, load_weights=False)),
+                                load_tokenizer(model_dir))
+    recording = []
+    parts = TrainerParts(engine=engine, algorithm=lambda setup: recording.append(
+        Recording(algorithms.build(cfg, setup))) or recording[0])
+    trainer = Trainer(cfg, parts=parts)
+    metrics = trainer.train_step()
+    trainer.close()
+    rollout, seq = recording[0].seen[0]
     tool_text = [trainer.tokenizer.decode([t for t, m in zip(r, mask) if not m])
                  for r, mask in zip(rollout.responses, rollout.masks)]
     model_text = [trainer.tokenizer.decode([t for t, m in zip(r, mask) if m])
                   for r, mask in zip(rollout.responses, rollout.masks)]
     mask_ok = all(
-        seq["response_mask"][row, len(c) - 1 : len(c) - 1 + len(m)].tolist() == [float(x) for x in m]
+        seq.response_mask[row, len(c) - 1 : len(c) - 1 + len(m)].tolist() == [float(x) for x in m]
         for row, (c, m) in enumerate(zip(rollout.contexts, rollout.masks))
     )
-    metrics = trainer.train_step()
-    trainer.close()
     return {"tool_text": tool_text, "model_text": model_text, "rewards": rollout.rewards, "mask_ok": mask_ok,
             "metrics": metrics}
 
@@ -85,23 +106,18 @@ def test_tool_agent_loop_masks_interpreter_output_and_trains(spawn, tmp_path):
     assert out["metrics"]["reward/mean"] == 1.0
 
 
-def _run(rank, world_size, config, steps, with_fit=False):
+def _run(rank, world_size, config, steps):
     from megatron_spo.config import from_dict
     from megatron_spo.training.config import TrainConfig
     from megatron_spo.training.trainer import Trainer
 
     trainer = Trainer(from_dict(TrainConfig, {**config, "total_steps": steps}))
     history = []
-    if with_fit:
-        trainer.fit()
-    while trainer.step < steps and not with_fit:
-        metrics = trainer.train_step()
-        history.append({k: v for k, v in metrics.items() if not k.startswith(VOLATILE)})
-        if trainer.config.checkpoint.every_steps and trainer.step % trainer.config.checkpoint.every_steps == 0:
-            trainer.save_checkpoint()
+    trainer.fit(on_step=lambda step, metrics: history.append(
+        {k: v for k, v in metrics.items() if not k.startswith(VOLATILE)}))
     params = {k: v.clone() for k, v in trainer.actor.export_hf()}
-    out = {"history": history, "params": params, "step": trainer.step, "q0": dict(trainer.q0),
-           "generated": trainer.generated_tokens}
+    out = {"history": history, "params": params, "step": trainer.step,
+           "q0": dict(getattr(trainer.algorithm, "q0", {})), "generated": trainer.generated_tokens}
     trainer.close()
     return out
 
@@ -109,7 +125,8 @@ def _run(rank, world_size, config, steps, with_fit=False):
 def test_kl_and_entropy_terms_use_the_frozen_reference(spawn, tmp_path):
     base = {**tiny_train_setup(tmp_path), "checkpoint": {"every_steps": 0}}
     with_kl = spawn(1, _run, merge(base, {"run_dir": str(tmp_path / "kl"),
-                                          "loss": {"kl_coef": 0.5, "kl_estimator": "k3", "entropy_coef": 0.01}}), 2)[0]
+                                          "algorithm": {"spo": {"loss": {"kl_coef": 0.5, "kl_estimator": "k3",
+                                                                             "entropy_coef": 0.01}}}}), 2)[0]
     plain = spawn(1, _run, {**base, "run_dir": str(tmp_path / "plain")}, 2)[0]
     first, second = (h["actor/kl_ref"] for h in with_kl["history"])
     assert 0 <= first < second  # the reference is the start: the drift from it grows
@@ -121,7 +138,7 @@ def test_kl_and_entropy_terms_use_the_frozen_reference(spawn, tmp_path):
 def test_generated_token_budget_stops_the_run(spawn, tmp_path):
     config = {**tiny_train_setup(tmp_path), "run_dir": str(tmp_path / "run"), "checkpoint": {"every_steps": 0},
               "max_generated_tokens": 1}
-    out = spawn(1, _run, config, 5, True)[0]
+    out = spawn(1, _run, config, 5)[0]
     assert out["step"] == 1 and out["generated"] >= 1
 
 

@@ -81,7 +81,7 @@ def tiny(tmp_path):
         "parallel": {"tp": 2, "pp": 1},
         "data": {"train_files": [str(data)], "prompt": {"max_prompt_tokens": 16}},
         "algorithm": {"name": "spo"},
-        "rollout": {"engine": "vllm", "max_response_tokens": 48, "gpu_memory_utilization": 0.5},
+        "rollout": {"engine": {"name": "vllm", "gpu_memory_utilization": 0.5}, "max_response_tokens": 48},
         "batch": {"train_batch_size": 8, "mini_batch_size": 4, "max_tokens_per_micro_batch": 64},
         "dry_run": {"nodes": 1, "gpus_per_node": 4, "gpu_memory_gib": 1},
     }
@@ -114,8 +114,8 @@ def test_colocation_phases_are_measured(tiny, tmp_path):
     holds no engine. Without colocation the actor stays whole beside the engine throughout."""
     config, _ = tiny
     plans = {}
-    for name, flags in {"colocated": ["rollout.enable_sleep_mode=true", "rollout.offload_actor=true"],
-                        "resident": ["rollout.enable_sleep_mode=false", "rollout.offload_actor=false"]}.items():
+    for name, flags in {"colocated": ["rollout.engine.enable_sleep_mode=true", "rollout.offload_actor=true"],
+                        "resident": ["rollout.engine.enable_sleep_mode=false", "rollout.offload_actor=false"]}.items():
         report = tmp_path / f"{name}.json"
         proc = run(["-m", "megatron_spo", "train", "--config", str(config), "--dry-run",
                     f"dry_run.report_file={report}", *flags])
@@ -235,7 +235,7 @@ def test_qwen3_8b_recipe_dry_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm, extra", [
-    ("grpo", ["rollout.n=2", "parallel.pp=2", "loss.kl_coef=0.001"]),  # PP 2 and the reference's log-probs
+    ("grpo", ["rollout.n=2", "parallel.pp=2", "algorithm.grpo.loss.kl_coef=0.001"]),  # PP 2 and the reference's log-probs
     ("spo_chain", ["algorithm.spo_chain.max_response_tokens=48"]),
     ("spo_tree", ["algorithm.spo_tree.branching_factors=[2,2]", "algorithm.spo_tree.segment_tokens=16",
                   "algorithm.spo_tree.max_response_tokens=48"]),

@@ -140,7 +140,7 @@ def _colocated_on_gpu(rank, world_size, overrides):
 
 def test_colocation_offloads_the_actor_and_puts_the_engine_to_sleep_on_the_gpu(spawn, tmp_path):
     overrides = merge(tiny_train_setup(tmp_path, family="qwen2"),
-                      {"checkpoint": {"every_steps": 0}, "rollout": {"enable_sleep_mode": True, "offload_actor": True}})
+                      {"checkpoint": {"every_steps": 0}, "rollout": {"engine": {"enable_sleep_mode": True}, "offload_actor": True}})
     (out,) = spawn(1, _colocated_on_gpu, overrides)
     print("colocation on GPU:", {k: out[k] for k in ("resident", "offloaded", "freed", "at_generate")}, out["events"])
     # the round trip through pinned host memory is exact
@@ -218,7 +218,7 @@ def test_dry_run_plan_beside_the_real_peak(spawn, tmp_path):
 
     overrides = merge(tiny_train_setup(tmp_path, family="qwen3"), {
         "checkpoint": {"every_steps": 0}, "run_dir": str(tmp_path / "run"),
-        "rollout": {"dtype": "bfloat16"},
+        "rollout": {"engine": {"dtype": "bfloat16"}},
         "dry_run": {"nodes": 1, "gpus_per_node": 1, "report_file": str(tmp_path / "plan.json")},
     })
     config = tmp_path / "tiny.yaml"

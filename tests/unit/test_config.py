@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 import yaml
 
 from megatron_spo.config import (
+    SET_BY_CALLER,
     apply_overrides,
     describe,
     from_dict,
@@ -180,3 +181,59 @@ def test_describe_lists_leaves_with_docs():
     lines = describe(Root)
     assert "trainer.spo.rho.d_half (float) = 0.06  # Drift at which rho halves (nats)." in lines
     assert "trainer.name (str) = (required)  # Run name (required)." in lines
+
+
+# ----------------------------------------------------------------------------- moved keys, program-set fields
+
+
+@dataclasses.dataclass(kw_only=True)
+class Engine:
+    name: str = "hf"
+    model: str | None = dataclasses.field(default=None, metadata=SET_BY_CALLER)
+    """Filled in by the program."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class Section:
+    engine: Engine = dataclasses.field(default_factory=Engine)
+    lr: float = 1e-6
+
+
+@dataclasses.dataclass(kw_only=True)
+class Moved:
+    MOVED: ClassVar[dict] = {"old": "new.section", "new.rate": "new.lr", "new.engine": "new.engine.name",
+                             "both": ("new.section", "other")}
+    new: Section = dataclasses.field(default_factory=Section)
+
+
+def test_old_keys_name_their_new_key_in_files_and_overrides(tmp_path):
+    for text, old, new in [
+        ("old:\n  lr: 1\n", "old.lr", "new.section.lr"),         # a whole old section: its first key
+        ("new:\n  rate: 1\n", "new.rate", "new.lr"),
+        ("new:\n  engine: vllm\n", "new.engine", "new.engine.name"),  # a value where a section is now
+    ]:
+        with pytest.raises(UserError) as err:
+            load_config(Moved, write(tmp_path, text))
+        assert str(err.value) == f"config '{tmp_path / 'c.yaml'}': key '{old}' moved to '{new}'"
+    with pytest.raises(UserError, match=r"^command-line override 'new.rate=2': 'new.rate' moved to 'new.lr'$"):
+        load_config(Moved, None, ["new.rate=2"])
+    with pytest.raises(UserError, match=r"'both.x' moved to 'new.section.x' \(or 'other.x'\)$"):
+        load_config(Moved, None, ["both.x=1"])
+    # the new shape loads; a typo under a section that is also an old key stays an unknown key
+    assert load_config(Moved, None, ["new.engine.name=vllm", "new.lr=2"]).new.engine.name == "vllm"
+    with pytest.raises(UserError, match=r"unknown key 'new.engine.nam'; valid keys under 'new.engine': name$"):
+        load_config(Moved, None, ["new.engine.nam=vllm"])
+
+
+def test_program_set_fields_are_not_config_keys(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'new.engine.model'; valid keys under 'new.engine': name$"):
+        load_config(Moved, None, ["new.engine.model=/m"])
+    cfg = Moved(new=Section(engine=Engine(model="/m")))  # the program sets it
+    assert to_dict(cfg) == {"new": {"engine": {"name": "hf"}, "lr": 1e-6}}  # and saved configs leave it out
+    assert not any("model" in line for line in describe(Moved))
+
+
+def test_values_are_set_verbatim_between_the_file_and_the_overrides(tmp_path):
+    path = write(tmp_path, "trainer:\n  name: a\n  out: x\n")
+    cfg = load_config(Root, path, ["trainer.name=c"], values={"trainer.out": "yes", "trainer.name": "b"})
+    assert cfg.trainer.out == Path("yes") and cfg.trainer.name == "c"  # `yes` stays a path; overrides win

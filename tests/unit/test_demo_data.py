@@ -12,13 +12,10 @@ import re
 import pytest
 import torch
 
-from megatron_spo.training.demo_data import (
+from megatron_spo.demo.assets import TinyModelConfig, build_demo_assets, chat_text, encode_sft_example
+from megatron_spo.demo.task import (
     DemoTaskConfig,
-    TinyModelConfig,
     boxed_answer,
-    build_demo_assets,
-    chat_text,
-    encode_sft_example,
     generate_splits,
     is_correct,
     random_problem,

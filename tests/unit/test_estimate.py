@@ -1,12 +1,13 @@
 """`megatron-spo values estimate` end to end on a tiny model: the seeds' jsonl layout, scores from
 the configured reward, over-long prompts counted, the `values merge` round trip, the same file on
-2 ranks as on 1, and bad input."""
+2 ranks as on 1, the config read from YAML + flags + dotted overrides, and bad input."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import yaml
 
 from megatron_spo import cli
 from megatron_spo.errors import UserError
@@ -45,8 +46,8 @@ def data_file(tmp_path_factory):
 def estimate_argv(data_file, model_dir, out_dir, *extra):
     return [
         "values", "estimate", "--data", data_file, "--model", model_dir, "--n", str(N),
-        "--output-dir", str(out_dir), "--max-tokens", "12", "--max-prompt-tokens", "120",
-        "--reward-pool", "inline", *extra,
+        "--output-dir", str(out_dir), "max_response_tokens=12", "prompt.max_prompt_tokens=120",
+        "reward.pool=inline", *extra,
     ]  # fmt: skip
 
 
@@ -82,7 +83,7 @@ def test_estimate_writes_the_seed_layout_and_merge_reads_it(tmp_path, data_file,
 
 def test_scores_come_from_the_configured_reward(tmp_path, data_file, model_dir):
     out_dir = tmp_path / "run"
-    argv = estimate_argv(data_file, model_dir, out_dir, "--reward-function", "test_estimate:parity_reward")
+    argv = estimate_argv(data_file, model_dir, out_dir, "reward.function=test_estimate:parity_reward")
     assert cli.main(argv) == 0
     records = read_jsonl(out_dir / "validation_data" / "0.jsonl")
     assert [r["score"] for r in records] == [float(len(r["output"]) % 2) for r in records]
@@ -119,3 +120,27 @@ def test_bad_input_names_the_file(tmp_path, model_dir):
         estimate.main(["--data", str(missing_answer), "--model", model_dir, "--output-dir", str(tmp_path / "o")])
     assert cli.main(["values", "estimate", "--data", str(tmp_path / "nope.jsonl"), "--model", model_dir,
                      "--output-dir", str(tmp_path / "o")]) == 2  # fmt: skip
+    with pytest.raises(UserError, match=r"key 'n' expects int, got 'many'"):
+        estimate.main(["--data", str(bad_json), "--model", model_dir, "--output-dir", str(tmp_path / "o"), "-n", "many"])
+    with pytest.raises(UserError, match=r"^--dtype is now the config key engine.dtype: write engine.dtype=VALUE"):
+        estimate.main(["--data", str(bad_json), "--model", model_dir, "--dtype", "bfloat16"])
+    with pytest.raises(UserError, match=r"missing required key 'output_dir'"):
+        estimate.main(["--data", str(bad_json), "--model", model_dir])
+
+
+def test_config_file_flags_and_overrides(tmp_path, data_file, model_dir):
+    config = tmp_path / "estimate.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": data_file, "model": model_dir, "output_dir": str(tmp_path / "from_file"), "n": 5, "seed": 3,
+        "max_response_tokens": 4, "prompt": {"max_prompt_tokens": 120}, "reward": {"pool": "inline"},
+        "engine": {"max_num_seqs": 2},
+    }))
+    out_dir = tmp_path / "from_flag"
+    # --output-dir beats the file; n=2 beats both the file and -n
+    assert cli.main(["values", "estimate", "--config", str(config), "--output-dir", str(out_dir), "-n", "4",
+                     "n=2"]) == 0
+    records = read_jsonl(out_dir / "validation_data" / "0.jsonl")
+    assert [(r["prompt_index"], r["sample_index"]) for r in records] == [(i, j) for i in (0, 1, 3) for j in range(2)]
+    assert not (tmp_path / "from_file").exists()
+    summary = json.loads((out_dir / "estimate_summary.json").read_text())
+    assert (summary["responses_per_prompt"], summary["model"]) == (2, model_dir)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.cli_options import OLD_FLAGS
 from megatron_spo.training.config import load_train_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -26,8 +27,9 @@ def _named_files(raw: dict) -> tuple[list[str], list[str]]:
     models = [raw["model"]["hf_dir"]]
     files = list(raw["data"]["train_files"]) + list(raw["data"].get("val_files", []))
     files += list(raw.get("eval", {}).get("files", []))
-    if raw.get("spo", {}).get("offline_values"):
-        files.append(raw["spo"]["offline_values"])
+    offline_values = raw.get("algorithm", {}).get("spo", {}).get("offline_values")
+    if offline_values:
+        files.append(offline_values)
     return models, files
 
 
@@ -73,10 +75,13 @@ def _load_with_stand_ins(config_path: Path, tmp_path: Path, monkeypatch, overrid
 def test_qwen3_8b_recipe_mirrors_the_authors(tmp_path, monkeypatch):
     spo = _load_with_stand_ins(EXAMPLES / "qwen3_8b_dapo" / "spo.yaml", tmp_path, monkeypatch)
     assert (spo.algorithm.name, spo.rollout.n) == ("spo", 1)
-    assert (spo.batch.train_batch_size, spo.batch.mini_batch_size, spo.batch.gen_batch_size) == (768, 96, 14000)
+    assert (spo.batch.train_batch_size, spo.batch.mini_batch_size, spo.algorithm.spo.gen_batch_size) == (768, 96, 14000)
     assert spo.rollout.max_response_tokens == 16384 and spo.optimizer.lr == 1e-6
-    assert spo.spo.offline_values is not None and spo.rollout.reward.thinking
-    assert (spo.loss.clip_ratio_low, spo.loss.clip_ratio_high, spo.loss.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert spo.algorithm.spo.offline_values is not None and spo.rollout.reward.thinking
+    loss = spo.algorithm.spo.loss
+    assert (loss.clip_ratio_low, loss.clip_ratio_high, loss.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert (spo.rollout.engine.name, spo.rollout.engine.dtype, spo.rollout.engine.enable_sleep_mode) == (
+        "vllm", "bfloat16", True)
     grpo = _load_with_stand_ins(EXAMPLES / "qwen3_8b_dapo" / "grpo.yaml", tmp_path, monkeypatch)
     assert (grpo.algorithm.name, grpo.rollout.n, grpo.batch.train_batch_size) == ("grpo", 8, 96)
     # same sequences per step and optimizer steps per step as SPO
@@ -85,6 +90,7 @@ def test_qwen3_8b_recipe_mirrors_the_authors(tmp_path, monkeypatch):
     for same in ("max_response_tokens", "temperature"):
         assert getattr(grpo.rollout, same) == getattr(spo.rollout, same)
     assert grpo.optimizer.lr == spo.optimizer.lr and grpo.data.train_files == spo.data.train_files
+    assert grpo.algorithm.grpo.loss == spo.algorithm.spo.loss and grpo.rollout.engine == spo.rollout.engine
     # run.sh's tool switch is a valid override
     tool = _load_with_stand_ins(EXAMPLES / "qwen3_8b_dapo" / "spo.yaml", tmp_path, monkeypatch,
                                 ["rollout.agent=tool", "run_dir=runs/x"])
@@ -100,6 +106,9 @@ def test_script_parses_and_names_existing_configs(script):
     repo = EXAMPLES.parent
     for named in re.findall(r"examples/[\w/]+\.(?:yaml|sh)", text):
         assert (repo / named).is_file(), f"{script.name} names {named}, which does not exist"
+    # eval / values estimate take config keys, not the flags of earlier versions
+    old = set(re.findall(r"(?<![\w-])--[\w-]+", text)) & set(OLD_FLAGS)
+    assert not old, f"{script.name} passes {sorted(old)}, now config keys"
 
 
 def test_multinode_script_takes_the_rendezvous_from_the_environment():

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from megatron_spo.training.losses import (
-    actor_loss,
     aggregate,
     count_for,
     entropy_from_logits,
@@ -119,26 +118,3 @@ def test_entropy_from_logits():
     probs = torch.tensor([0.5, 0.25, 0.25])
     expected = 0.5 * math.log(2) + 0.5 * math.log(4)
     assert entropy_from_logits(torch.log(probs) + 7.0).item() == pytest.approx(expected, rel=1e-6)
-
-
-def test_actor_loss_combines_terms():
-    logp, old, adv, mask = _flat_batch(extra_masked_token=False)
-    entropy = torch.full_like(logp, 2.0)
-    ref = logp - 0.5  # k1 = 0.5 everywhere
-    out = actor_loss(logp, old, adv, mask, **CLIP, entropy=entropy, entropy_coef=0.01,
-                     ref_log_probs=ref, kl_coef=0.1, kl_estimator="k1")
-    assert out.policy_loss.item() == pytest.approx(2.164)
-    assert out.entropy.item() == pytest.approx(2.0)
-    assert out.kl.item() == pytest.approx(0.5)
-    assert out.loss.item() == pytest.approx(2.164 - 0.01 * 2.0 + 0.1 * 0.5)
-    metrics = out.metrics()
-    assert metrics["actor/clip_fraction"] == pytest.approx(0.4)
-    assert metrics["actor/kl_ref"] == pytest.approx(0.5)
-
-
-def test_actor_loss_refuses_coefficient_without_input():
-    logp, old, adv, mask = _flat_batch()
-    with pytest.raises(ValueError, match="entropy"):
-        actor_loss(logp, old, adv, mask, **CLIP, entropy_coef=0.01)
-    with pytest.raises(ValueError, match="reference"):
-        actor_loss(logp, old, adv, mask, **CLIP, kl_coef=0.1)

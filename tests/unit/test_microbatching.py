@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_spo.training.logprobs import microbatches, microbatches_by_tokens
+from megatron_spo.training.microbatch import microbatches, microbatches_by_tokens
 
 
 def test_pack_longest_first_within_budget_and_cut_to_longest_row():

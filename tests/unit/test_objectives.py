@@ -15,8 +15,9 @@ import torch
 
 from megatron_spo.training.algorithms.segment_loss import SegmentLossConfig, segment_policy_loss
 from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig, soft_spo_loss
-from megatron_spo.training.losses import actor_loss, entropy_from_logits
-from megatron_spo.training.objectives import PPOObjective, SegmentObjective, SoftObjective
+from megatron_spo.training.losses import aggregate, entropy_from_logits, kl_penalty, ppo_clip_loss
+from megatron_spo.training.config import PolicyLossConfig
+from megatron_spo.training.objectives import PPOObjective, SegmentObjective, SoftObjective, as_loss_fn
 
 
 def _batch(seed=0, b=3, t=6, v=11):
@@ -45,15 +46,23 @@ def _split(mb, rows):
 PPO = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
 
 
-def _test_ppo_objective_is_the_actor_loss_and_split_invariant(agg):
+def _ppo(**more):
+    return as_loss_fn(PPOObjective(config=PolicyLossConfig(**PPO, **more)))
+
+
+def _test_ppo_objective_is_the_ppo_loss_and_split_invariant(agg):
     logits, mb, lp = _batch()
-    objective = PPOObjective(**PPO, loss_agg=agg, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
+    objective = _ppo(loss_agg=agg, kl_coef=0.05, kl_estimator="k3", entropy_coef=0.01)
     loss_sum, count, metrics = objective(logits, mb)
     w = slice(None, -1)
-    expected = actor_loss(lp[:, w], mb["old_logprobs"][:, w], mb["advantages"][:, w], mb["response_mask"][:, w],
-                          **PPO, loss_agg=agg, entropy=entropy_from_logits(logits)[:, w], entropy_coef=0.01,
-                          ref_log_probs=mb["ref_logprobs"][:, w], kl_coef=0.05, kl_estimator="k3")
-    assert (loss_sum / count).item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    # PPO clip - entropy_coef * entropy + kl_coef * KL(k3), each term aggregated by `agg` over the batch
+    mask = mb["response_mask"][:, w]
+    expected = (
+        ppo_clip_loss(lp[:, w], mb["old_logprobs"][:, w], mb["advantages"][:, w], mask, **PPO, loss_agg=agg).loss
+        - 0.01 * aggregate(entropy_from_logits(logits)[:, w], mask, agg)
+        + 0.05 * aggregate(kl_penalty(lp[:, w], mb["ref_logprobs"][:, w], "k3"), mask, agg)
+    )
+    assert (loss_sum / count).item() == pytest.approx(expected.item(), rel=1e-5)
     assert count.item() == (8 if agg == "token-mean" else 3)
     parts = [objective(logits[r], _split(mb, r)) for r in ([0], [1, 2])]
     assert sum(p[0] for p in parts).item() == pytest.approx(loss_sum.item(), rel=1e-5)
@@ -65,7 +74,7 @@ def _test_ppo_objective_without_old_logprobs_uses_its_own_forward():
     """A single update on fresh samples: pi_old is the forward's own log-probs (ratio 1), so the
     loss value is -mean(A) and the gradient that of the unclipped surrogate."""
     logits, mb, lp = _batch(3)
-    objective = PPOObjective(**PPO)
+    objective = _ppo()
     fresh = {k: v for k, v in mb.items() if k != "old_logprobs"}
     loss_sum, count, metrics = objective(logits, fresh)
     mask = mb["response_mask"][:, :-1]
@@ -78,8 +87,9 @@ def _test_ppo_objective_without_old_logprobs_uses_its_own_forward():
 def _test_segment_objective_matches_segment_policy_loss_with_one_micro_batch():
     logits, mb, lp = _batch(1)
     config = SegmentLossConfig(kl_coef=0.3, clip_ratio=0.2)
-    mb["kl_scale"] = torch.full((3,), 8 / 3)  # masked tokens / sequences of the whole mini-batch
-    loss_sum, count, _ = SegmentObjective(config=config)(logits, mb)
+    # masked tokens / sequences of the whole mini-batch
+    mb["mini_batch_tokens"], mb["mini_batch_sequences"] = torch.full((3,), 8.0), torch.full((3,), 3.0)
+    loss_sum, count, _ = as_loss_fn(SegmentObjective(config=config))(logits, mb)
     w = slice(None, -1)
     expected = segment_policy_loss(lp[:, w], mb["old_logprobs"][:, w], mb["advantages"][:, w],
                                    mb["response_mask"][:, w].bool(), config, ref_logprobs=mb["ref_logprobs"][:, w])
@@ -96,9 +106,11 @@ def _test_segment_kl_term_by_hand():
         "targets": torch.zeros(1, 3, dtype=torch.long), "response_mask": torch.tensor([[1.0, 1.0, 0.0]]),
         "old_logprobs": torch.full((1, 3), math.log(0.5)), "advantages": torch.zeros(1, 3),
         "ref_logprobs": torch.tensor([[math.log(0.25), math.log(0.75), 0.0]]), "lengths": torch.tensor([3]),
-        "kl_scale": torch.tensor([2.0]),
+        "input_ids": torch.zeros(1, 3, dtype=torch.long),
+        "mini_batch_tokens": torch.tensor([2.0]), "mini_batch_sequences": torch.tensor([1.0]),
     }
-    loss_sum, count, _ = SegmentObjective(config=SegmentLossConfig(kl_coef=0.5, prob_threshold=1.0))(logits, mb)
+    objective = as_loss_fn(SegmentObjective(config=SegmentLossConfig(kl_coef=0.5, prob_threshold=1.0)))
+    loss_sum, count, _ = objective(logits, mb)
     k3 = lambda d: math.exp(d) - d - 1  # noqa: E731
     by_hand = 0.5 * (k3(math.log(0.5)) + k3(math.log(1.5)))
     assert (loss_sum / count).item() == pytest.approx(by_hand, rel=1e-6)
@@ -107,19 +119,19 @@ def _test_segment_kl_term_by_hand():
 def _test_soft_objective_is_the_mean_soft_loss_and_ignores_blank_rows():
     logits, mb, lp = _batch(2)
     config = SoftSPOConfig(beta=0.1, loss_type="cross_entropy")
-    loss_sum, count, _ = SoftObjective(config=config)(logits, mb)
+    loss_sum, count, _ = as_loss_fn(SoftObjective(config=config))(logits, mb)
     w = slice(None, -1)
     expected = soft_spo_loss(lp[:, w], mb["ref_logprobs"][:, w], mb["response_mask"][:, w], mb["rewards"], mb["q0"], config)
     assert count.item() == 3
     assert (loss_sum / count).item() == pytest.approx(expected.loss.item(), rel=1e-5)
     blank = {k: torch.zeros_like(v[:1]) for k, v in mb.items()}  # what an empty rank trains on
-    blank_sum, blank_count, _ = SoftObjective(config=config)(logits[:1], blank)
+    blank_sum, blank_count, _ = as_loss_fn(SoftObjective(config=config))(logits[:1], blank)
     assert blank_sum.item() == 0 and blank_count.item() == 0
 
 
 CASES = [
-    ("_test_ppo_objective_is_the_actor_loss_and_split_invariant", ("token-mean",)),
-    ("_test_ppo_objective_is_the_actor_loss_and_split_invariant", ("seq-mean",)),
+    ("_test_ppo_objective_is_the_ppo_loss_and_split_invariant", ("token-mean",)),
+    ("_test_ppo_objective_is_the_ppo_loss_and_split_invariant", ("seq-mean",)),
     ("_test_ppo_objective_without_old_logprobs_uses_its_own_forward", ()),
     ("_test_segment_objective_matches_segment_policy_loss_with_one_micro_batch", ()),
     ("_test_segment_kl_term_by_hand", ()),

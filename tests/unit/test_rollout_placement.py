@@ -1,6 +1,6 @@
 """Rollout placement (`rollout.placement`): which rollout group generates each prompt of a step,
 which ranks run its engine, and how the results reach every rank of the replica training on it;
-the config check of `rollout.tensor_parallel_size`; a rollout split per prompt and put back."""
+the config check of `rollout.engine.tensor_parallel_size`; a rollout split per prompt and put back."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_standalone_rank_generates_what_it_needs():
 
 
 def test_rollout_tp_must_divide_the_world():
-    with pytest.raises(UserError, match=r"^rollout.tensor_parallel_size \(3\) must divide the world size 16"):
+    with pytest.raises(UserError, match=r"^rollout.engine.tensor_parallel_size \(3\) must divide the world size 16"):
         RolloutPlacement.build(16, 3)
 
 
@@ -118,14 +118,15 @@ def test_train_config_refuses_a_rollout_tp_not_dividing_the_world(tmp_path):
     from megatron_spo.training.config import TrainConfig
 
     base = tiny_train_setup(tmp_path, prompts=4)
-    cfg = from_dict(TrainConfig, merge(base, {"parallel": {"tp": 4, "pp": 2}, "rollout": {"tensor_parallel_size": 4},
+    cfg = from_dict(TrainConfig, merge(base, {"parallel": {"tp": 4, "pp": 2},
+                                              "rollout": {"engine": {"tensor_parallel_size": 4}},
                                               "batch": {"train_batch_size": 4, "mini_batch_size": 2}}))
     assert cfg.check_world_size(16) == 2  # the multinode example's layout
-    cfg = from_dict(TrainConfig, merge(base, {"rollout": {"tensor_parallel_size": 3}}))
+    cfg = from_dict(TrainConfig, merge(base, {"rollout": {"engine": {"tensor_parallel_size": 3}}}))
     with pytest.raises(UserError) as error:
         cfg.check_world_size(16)
     message = str(error.value)
-    assert message.startswith("rollout.tensor_parallel_size (3)") and "\n" not in message
+    assert message.startswith("rollout.engine.tensor_parallel_size (3)") and "\n" not in message
 
 
 def test_rollout_split_per_prompt_and_concatenated_back():

@@ -7,7 +7,7 @@ import torch
 
 from megatron_spo.rollout.types import GenerationRequest, Sample, SamplingParams
 from megatron_spo.training.algorithms import TOKEN_ADVANTAGES_KEY
-from megatron_spo.training.algorithms.digit_task import (
+from megatron_spo.testing.digit_task import (
     DigitTaskEngine,
     TabularDigitPolicy,
     digit_reward,

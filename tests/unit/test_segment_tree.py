@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from megatron_spo.training.algorithms import TOKEN_ADVANTAGES_KEY
-from megatron_spo.training.algorithms.digit_task import (
+from megatron_spo.testing.digit_task import (
     EOS_TOKEN,
     UNFINISHED_REWARD,
     DigitPolicy,

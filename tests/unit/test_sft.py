@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from megatron_spo.config import from_dict
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.prompts import PromptConfig
 from megatron_spo.training import sft
@@ -76,7 +77,8 @@ def test_overlong_examples_are_skipped_truncated_or_refused():
 
 
 def test_examples_are_the_rl_prompt_tokens_then_response_and_eos(tiny_model_dir, tmp_path):
-    from megatron_spo.training.demo_data import encode_sft_example, sft_prompt
+    from megatron_spo.demo.assets import encode_sft_example
+    from megatron_spo.demo.task import sft_prompt
 
     records = [{"prompt": "Compute 7 + 5.", "response": "7 + 5 = 12. \\boxed{12}"},
                {"prompt": "Compute 3 - 1.", "response": "3 - 1 = 2. \\boxed{2}"},
@@ -115,6 +117,11 @@ def test_bad_input_is_one_line_naming_the_problem(tiny_model_dir, tmp_path, caps
     empty.write_text("")
     assert "empty.jsonl: no records (the dataset is empty)" in _cli_error(capsys, base + ["--data", str(empty)])
     assert "unknown key 'learning_rate'" in _cli_error(capsys, base + ["--data", good, "learning_rate=1e-3"])
+    assert "'lr' moved to 'optimizer.lr'" in _cli_error(capsys, base + ["--data", good, "lr=1e-3"])
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("schedule: constant\n")
+    assert "'schedule' moved to 'optimizer.schedule'" in _cli_error(capsys, base + ["--data", good, "--config",
+                                                                                    str(old_file)])
     assert "is not a Hugging Face model directory" in _cli_error(
         capsys, ["--model", str(tmp_path), "--data", good, "--out", str(tmp_path / "out")])
     (tmp_path / "taken").mkdir()
@@ -129,7 +136,14 @@ def test_step_budget_from_epochs_or_max_steps_and_the_schedule(tiny_model_dir, t
     common = dict(model=str(tiny_model_dir), data_files=[data], out=str(tmp_path / "out"), global_batch_size=4)
     assert sft.total_steps(sft.SFTConfig(**common, epochs=2.5), num_examples=10) == 7  # ceil(25 / 4)
     assert sft.total_steps(sft.SFTConfig(**common, epochs=2.5, max_steps=3), num_examples=10) == 3
-    cosine = sft.optimizer_settings(sft.SFTConfig(**common, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1), steps=10)
-    assert (cosine.decay_steps, cosine.decay_style, cosine.min_lr, cosine.warmup_steps) == (8, "cosine", 1e-4, 2)
-    assert sft.optimizer_settings(sft.SFTConfig(**common, schedule="constant"), steps=10).decay_steps is None
+    from megatron_spo.training.actor import lr_schedule
+
+    # SFT's optimizer defaults (cosine, no weight decay) survive a partial `optimizer:` section
+    config = from_dict(sft.SFTConfig, {**common, "optimizer": {"warmup_steps": 2, "lr": 1e-3, "min_lr_ratio": 0.1}})
+    assert (config.optimizer.schedule, config.optimizer.weight_decay) == ("cosine", 0.0)
+    assert lr_schedule(config.optimizer, total_steps=10) == {
+        "init_lr": 0.0, "max_lr": 1e-3, "min_lr": pytest.approx(1e-4), "lr_warmup_steps": 2, "lr_decay_steps": 10,
+        "lr_decay_style": "cosine"}
+    constant = lr_schedule(sft.SFTOptimizerConfig(schedule="constant"), total_steps=10)
+    assert (constant["lr_decay_style"], constant["init_lr"], constant["max_lr"]) == ("constant", 1e-5, 1e-5)
     assert sft.SFTConfig(**common).metrics_path == tmp_path / "sft_metrics.jsonl"

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 def _greedy_answers(model_dir, records) -> list[str]:
     from transformers import AutoModelForCausalLM
 
-    from megatron_spo.training.demo_data import chat_text, sft_prompt
+    from megatron_spo.demo.assets import chat_text
+    from megatron_spo.demo.task import sft_prompt
     from megatron_spo.training.sft import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
@@ -41,9 +42,8 @@ def _greedy_answers(model_dir, records) -> list[str]:
 
 
 def test_sft_on_demo_data_learns_the_task(tmp_path):
-    from megatron_spo.training.demo_data import (
-        DemoTaskConfig, TinyModelConfig, boxed_answer, build_demo_assets, is_correct,
-    )
+    from megatron_spo.demo.assets import TinyModelConfig, build_demo_assets
+    from megatron_spo.demo.task import DemoTaskConfig, boxed_answer, is_correct
 
     assets = build_demo_assets(
         tmp_path / "assets", DemoTaskConfig(num_train=100, num_val=100, num_sft=400, max_ops=1, sft_step_noise=0.0),
@@ -54,8 +54,9 @@ def test_sft_on_demo_data_learns_the_task(tmp_path):
     steps = 60
     command = [
         sys.executable, "-m", "megatron_spo", "sft", "--model", str(assets.model_dir), "--data", str(assets.sft_jsonl),
-        "--out", str(out), f"max_steps={steps}", "lr=3e-3", "warmup_steps=5", "schedule=constant",
-        "global_batch_size=32", "micro_batch_size=32", "betas=[0.9, 0.98]", "log_every=20",
+        "--out", str(out), f"max_steps={steps}", "optimizer.lr=3e-3", "optimizer.warmup_steps=5",
+        "optimizer.schedule=constant", "global_batch_size=32", "micro_batch_size=32", "optimizer.betas=[0.9, 0.98]",
+        "log_every=20",
     ]
     run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

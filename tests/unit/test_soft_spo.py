@@ -10,7 +10,7 @@ import torch
 
 from megatron_spo.errors import UserError
 from megatron_spo.value.keys import prompt_key
-from megatron_spo.training.algorithms.digit_task import (
+from megatron_spo.testing.digit_task import (
     DigitPolicy,
     DigitTaskEngine,
     digit_reward,
@@ -200,7 +200,7 @@ def test_load_offpolicy_jsonl_reads_text_and_token_id_records(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"prompt": "a", "response": "b", "reward": }', "invalid JSON"),
+        ('{"prompt": "a", "response": "b", "reward": }', "not valid JSON"),
         ('[1, 2]', "expected a JSON object"),
         ('{"prompt": "a", "response": "b"}', "missing 'reward'"),
         ('{"prompt": "a", "reward": 0}', "missing 'response'"),

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from megatron_spo.training.algorithms.digit_task import (
+from megatron_spo.testing.digit_task import (
     DigitTaskEngine,
     TabularDigitPolicy,
     digit_reward,

@@ -33,7 +33,7 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_exit_130(tmp_path):
     import signal
     import time
 
-    from megatron_spo.training.trainer import complete_checkpoints
+    from megatron_spo.training.checkpointing import complete_checkpoints
 
     run = tmp_path / "run"
     config = {**tiny_train_setup(tmp_path), "run_dir": str(run), "total_steps": 200, "checkpoint": {"every_steps": 1}}

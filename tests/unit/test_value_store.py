@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from megatron_spo.errors import UserError
-from megatron_spo.value import store as store_module
 from megatron_spo.value import (
     ValueConfig,
     ValueStore,
@@ -227,26 +226,24 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert [t.tolist() for t in got.token_ids] == [[1], [2, 3], [], [4, 5, 6]]
 
 
-def test_incomplete_checkpoints_are_refused(tmp_path, monkeypatch):
+def test_incomplete_checkpoints_are_refused(tmp_path):
     store = ValueStore.from_keys([1, 2], ValueConfig())
     store.save(tmp_path / "ok")
     (tmp_path / "ok" / "manifest.json").unlink()
     with pytest.raises(UserError, match="no manifest.json"):
         ValueStore.load(tmp_path / "ok", ValueConfig())
-    # a save killed after its shards but before the manifest leaves nothing loadable
+    # A save over an earlier checkpoint that dies before its manifest leaves nothing loadable (never
+    # the old manifest over new shards). The filesystem makes it die: a directory holds the shard's
+    # name, so renaming the written shard into place fails.
     store.save(tmp_path / "again")
-    real_write = store_module._atomic_write_bytes
-
-    def die_at_manifest(path, write):
-        if path.name == "manifest.json":
-            raise KeyboardInterrupt
-        real_write(path, write)
-
-    monkeypatch.setattr(store_module, "_atomic_write_bytes", die_at_manifest)
-    with pytest.raises(KeyboardInterrupt):
+    (shard,) = [p for p in (tmp_path / "again").iterdir() if p.name != "manifest.json"]
+    shard.unlink()
+    (shard / "in_the_way").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
         store.save(tmp_path / "again")
     with pytest.raises(UserError, match="no manifest.json"):
         ValueStore.load(tmp_path / "again", ValueConfig())
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [shard.name]  # no temporary left
     state = store.state_dict()
     state["dp_size"], state["dp_rank"] = 2, 1
     with pytest.raises(UserError, match="got shards \\[1\\] of DP sizes \\[2\\]"):

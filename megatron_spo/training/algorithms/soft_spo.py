@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.records import read_jsonl_objects
 from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams
+from megatron_spo.training.algorithms.base import Algorithm
 from megatron_spo.training.algorithms.segment_chain import ScoreFn, score_all
 from megatron_spo.value.keys import prompt_key as text_prompt_key
 
@@ -251,21 +253,12 @@ def load_offpolicy_jsonl(
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
+        numbered_records = read_jsonl_objects(path)
     except OSError as error:
         raise UserError(f"cannot read off-policy sequences file {path}: {error.strerror}") from None
     samples = []
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for line_number, record in numbered_records:
         where = f"{path}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
         token_ids = {}
         for part in ("prompt", "response"):
             if f"{part}_token_ids" in record:
@@ -310,3 +303,144 @@ def load_offpolicy_jsonl(
     if not samples:
         raise UserError(f"{path}: no sequences (the file is empty)")
     return samples
+
+
+class SoftSPO(Algorithm):
+    """Soft SPO as a trainer algorithm (`training.algorithms.base`).
+
+    Each step trains on the policy's fresh sequences (rewards shifted by `reward_offset`; the
+    reported episode rewards keep the task's), this rank's share of `offpolicy_per_step` sequences
+    drawn from the external files, and `replay_per_step` sequences from this rank's replay buffer
+    of recent policy sequences. Every sequence carries its prompt's Q0, estimated once per prompt
+    from `q0_num_samples` samples of the frozen reference (the reference is loaded into the engine
+    for that, before the actor's weights) or taken from the file's `q0`. Log-probs are read at
+    temperature 1: the soft Q is defined on the policy itself, whatever sampled the sequence.
+    """
+
+    name = "soft_spo"
+    needs_reference = True
+
+    def __init__(self, config: SoftSPOConfig, offpolicy: list[Sample], *, rollout, batch, seed: int,
+                 tp_group=None):
+        from megatron_spo.training.algorithms.grpo import rollout_sampling, tool_agent
+        from megatron_spo.training.objectives import SoftObjective
+
+        self.config, self.offpolicy, self.seed = config, offpolicy, seed
+        self.n = rollout.n
+        self.sampling = rollout_sampling(rollout)
+        self.agent = tool_agent(rollout, self.sampling)
+        self.train_batch_size = batch.train_batch_size
+        self.objective = SoftObjective(config=config, tp_group=tp_group)
+        self.q0: dict[int, float] = {}  # soft value of each prompt under the reference
+        self.reference_tokens = 0  # tokens sampled from the reference for Q0
+        self.replay: list[dict] = []  # this rank's recent policy sequences
+
+    @classmethod
+    def from_config(cls, cfg, setup) -> SoftSPO:
+        soft = cfg.algorithm.soft_spo
+        encode = lambda text: setup.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        samples = [s for path in soft.offpolicy_files for s in load_offpolicy_jsonl(path, tokenize=encode)]
+        for s in samples:
+            if s.ground_truth is None and "q0" not in s.extra:
+                raise UserError(f"{s.extra['source']}: an off-policy sequence needs its prompt's 'answer' "
+                                "(to estimate Q0 from reference samples) or a 'q0' value")
+        return cls(soft, samples, rollout=cfg.rollout, batch=cfg.batch, seed=cfg.seed, tp_group=setup.tp_group)
+
+    @property
+    def loss_temperature(self) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------------ Q0
+
+    def before_generation(self, ctx, batch) -> None:
+        """Q0 of the step's prompts not seen before, from samples of the reference. Computed once
+        per prompt (the reference is frozen), split over the rollout groups, shared by all ranks."""
+        from megatron_spo.training import rollouts
+
+        needed: dict[int, tuple[list[int], str]] = {}
+        for p in batch:
+            if p.key not in self.q0:
+                needed.setdefault(p.key, (p.token_ids, p.answer))
+        for s in self.offpolicy_draw(ctx.step):
+            if s.prompt_key in self.q0 or s.prompt_key in needed:
+                continue
+            if "q0" in s.extra:
+                self.q0[s.prompt_key] = s.extra["q0"]
+            else:
+                needed[s.prompt_key] = (s.prompt_token_ids, s.ground_truth)
+        if not needed:
+            return
+        keys = sorted(needed)
+        ctx.load_engine_weights(ctx.reference.export_hf())
+        plan = ctx.plan([None] * len(keys))  # every rank needs every Q0
+        mine = [keys[i] for i in plan.generate]
+        scorer = rollouts.PromptScorer(ctx.scorer, ctx.tokenizer, [needed[k][1] for k in mine],
+                                       offset=self.config.reward_offset)
+        seeds = [rollouts.step_seed(self.seed + 17, 0, k % (2**31 - 1)) for k in mine]
+        counting = rollouts.CountingEngine(ctx.engine)
+        values = estimate_prompt_q0([needed[k][0] for k in mine], counting, scorer, self.config, prompt_seeds=seeds)
+        # the tokens of the whole call ride with its first prompt, so they are counted once
+        found = {i: (value, counting.tokens if j == 0 else 0) for j, (i, value) in enumerate(zip(plan.generate, values))}
+        found = ctx.exchange(found, plan.results)
+        self.q0.update({keys[i]: value for i, (value, _) in found.items()})
+        self.reference_tokens += sum(tokens for _, tokens in found.values())
+
+    # ------------------------------------------------------------------ sequences
+
+    def generate(self, ctx, batch):
+        rollout = super().generate(ctx, batch)
+        # the training reward is shifted; episode_rewards (reported) keep the task's
+        rollout.rewards = [r + self.config.reward_offset for r in rollout.rewards]
+        self.add_offpolicy(ctx, rollout)
+        return rollout
+
+    def offpolicy_draw(self, step: int) -> list[Sample]:
+        """External sequences of a step (the same draw on every rank)."""
+        count = min(self.config.offpolicy_per_step, len(self.offpolicy))
+        if not count:
+            return []
+        rng = np.random.default_rng([self.seed, step, 1])
+        return [self.offpolicy[i] for i in sorted(rng.choice(len(self.offpolicy), count, replace=False))]
+
+    def add_offpolicy(self, ctx, rollout) -> None:
+        """This rank's share of the external sequences, then replayed sequences; the fresh policy
+        sequences go into the replay buffer; every sequence gets its prompt's Q0."""
+        from megatron_spo.training.rollouts import Prompt
+
+        soft = self.config
+        fresh = [dict(key=p.key, context=c, response=r, mask=m, reward=w)
+                 for p, c, r, m, w in zip(rollout.prompts, rollout.contexts, rollout.responses, rollout.masks,
+                                         rollout.rewards)]
+        for sample in self.offpolicy_draw(ctx.step)[ctx.dp_rank :: ctx.dp]:
+            prompt = Prompt(key=sample.prompt_key, raw=sample.prompt_text or "", token_ids=sample.prompt_token_ids,
+                            answer=sample.ground_truth or "")
+            rollout.add(-1, prompt, sample.prompt_token_ids, sample.response_token_ids, sample.response_mask,
+                        sample.response_logprobs, sample.reward)
+        if soft.replay_per_step and self.replay:
+            rng = np.random.default_rng([self.seed, ctx.step, 2, ctx.dp_rank])
+            picks = rng.choice(len(self.replay), min(soft.replay_per_step, len(self.replay)), replace=False)
+            for i in sorted(picks):
+                old = self.replay[i]
+                prompt = Prompt(key=old["key"], raw="", token_ids=old["context"], answer="")
+                rollout.add(-1, prompt, old["context"], old["response"], old["mask"],
+                            [float("nan")] * len(old["response"]), old["reward"])
+        if soft.replay_buffer_size:
+            self.replay = (self.replay + fresh)[-soft.replay_buffer_size :]
+        rollout.q0 = [self.q0[p.key] for p in rollout.prompts]
+
+    # ------------------------------------------------------------------ training
+
+    def prepare(self, ctx, rollout, batch, old):
+        """The soft-Q regression needs no advantages: rewards and Q0 per sequence."""
+        return batch.replace(rewards=torch.tensor(rollout.rewards, dtype=torch.float32),
+                             q0=torch.tensor(rollout.q0, dtype=torch.float32)), None
+
+    def after_update(self, ctx, rollout) -> dict[str, float]:
+        return {"rollout/reference_tokens": float(self.reference_tokens)}
+
+    def state_dict(self) -> dict:
+        return {"replay": self.replay, "q0": dict(self.q0), "reference_tokens": self.reference_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.replay, self.q0 = state["replay"], dict(state["q0"])
+        self.reference_tokens = state["reference_tokens"]

@@ -3,7 +3,7 @@
 Everything is made here, nothing is downloaded, and every stage is the command a user would run:
 
     1. a synthetic math dataset with \\boxed{} answers and a spread of difficulty, a tokenizer
-       trained on it, and a tiny Qwen2-architecture model            (demo_data.build_demo_assets)
+       trained on it, and a tiny Qwen2-architecture model            (assets.build_demo_assets)
     2. SFT warm start on noisy worked solutions                       (megatron-spo sft)
     3. held-out evaluation of the warm-started model                 (megatron-spo eval)
     4. offline value estimation: N samples per training prompt, merged (megatron-spo values ...)
@@ -63,13 +63,33 @@ def _run(argv: list[str], log: Path, env: dict[str, str]) -> None:
 
 def _eval(model: Path, data: Path, out: Path, settings: DemoSettings, logs: Path, env, name: str) -> dict:
     _run([sys.executable, "-m", "megatron_spo", "eval", "--model", str(model), "--data", str(data),
-          "--n", str(settings.eval_n), "--temperature", "1.0", "--top-p", "1.0", "--top-k", "-1",
-          "--max-tokens", "48", "--out", str(out)], logs / f"{name}.log", env)
+          "--n", str(settings.eval_n), "--out", str(out), "temperature=1.0", "top_p=1.0", "top_k=-1",
+          "max_response_tokens=48"], logs / f"{name}.log", env)
     return json.loads(out.read_text())
 
 
+def _spo_config(sft_dir: Path, train: Path, val: Path, offline_file: Path, run_dir: Path,
+                settings: DemoSettings, engine: str) -> dict:
+    """The `train` config of stage 5: SPO from the SFT model, seeded with the offline values."""
+    return {
+        "model": {"hf_dir": str(sft_dir)},
+        "data": {"train_files": [str(train)], "val_files": [str(val)]},
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "total_steps": settings.rl_steps,
+        "algorithm": {"name": "spo", "spo": {"gen_batch_size": 256, "offline_values": str(offline_file)}},
+        "rollout": {"engine": {"name": engine}, "max_response_tokens": 48, "reward": {"pool": "inline"}},
+        "batch": {"train_batch_size": 64, "mini_batch_size": 32, "micro_batch_size": 32},
+        "optimizer": {"lr": settings.rl_lr, "weight_decay": 0.0},
+        "checkpoint": {"every_steps": max(1, settings.rl_steps // 2), "keep_last": 1},
+        "eval": {"every_steps": max(1, settings.rl_steps // 3), "n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": -1},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+
+
 def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> dict:
-    from megatron_spo.training.demo_data import build_demo_assets, write_jsonl
+    from megatron_spo.demo.assets import build_demo_assets
+    from megatron_spo.demo.task import write_jsonl
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -87,8 +107,9 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     print(f"[2/6] SFT warm start ({settings.sft_steps} steps)", flush=True)
     sft_dir = out_dir / "sft"
     _run([sys.executable, "-m", "megatron_spo", "sft", "--model", str(assets.model_dir), "--data", str(assets.sft_jsonl),
-          "--out", str(sft_dir), "--overwrite", f"max_steps={settings.sft_steps}", f"lr={settings.sft_lr}",
-          "global_batch_size=32", "micro_batch_size=32", "warmup_steps=20", "schedule=constant", "epochs=100"],
+          "--out", str(sft_dir), "--overwrite", f"max_steps={settings.sft_steps}",
+          f"optimizer.lr={settings.sft_lr}", "optimizer.warmup_steps=20", "optimizer.schedule=constant",
+          "global_batch_size=32", "micro_batch_size=32", "epochs=100"],
          logs / "sft.log", env)
 
     print("[3/6] held-out accuracy before RL", flush=True)
@@ -97,8 +118,8 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     print(f"[4/6] offline values ({settings.offline_prompts} prompts x {settings.offline_n})", flush=True)
     estimate_dir = out_dir / "offline" / "estimate_0"
     _run([sys.executable, "-m", "megatron_spo", "values", "estimate", "--data", str(offline_subset), "--model", str(sft_dir),
-          "-n", str(settings.offline_n), "--output-dir", str(estimate_dir), "--temperature", "1.0", "--top-p", "1.0",
-          "--top-k", "-1", "--max-tokens", "48", "--engine", engine, "--reward-pool", "inline"], logs / "estimate.log", env)
+          "-n", str(settings.offline_n), "--output-dir", str(estimate_dir), "--engine", engine, "temperature=1.0",
+          "top_p=1.0", "top_k=-1", "max_response_tokens=48", "reward.pool=inline"], logs / "estimate.log", env)
     offline_file = out_dir / "offline" / "offline_values.json"
     _run([sys.executable, "-m", "megatron_spo", "values", "merge", "--input-dir", str(out_dir / "offline"),
           "--output-file", str(offline_file), "--pattern", "estimate_*/validation_data/*.jsonl"], logs / "merge.log", env)
@@ -107,20 +128,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     nproc = settings.nproc if slots is None else max(1, min(settings.nproc, slots))
     print(f"[5/6] SPO training ({settings.rl_steps} steps, torchrun x{nproc})", flush=True)
     run_dir = out_dir / "run"
-    config = {
-        "model": {"hf_dir": str(sft_dir)},
-        "data": {"train_files": [str(assets.train_jsonl)], "val_files": [str(val)]},
-        "run_dir": str(run_dir),
-        "seed": 0,
-        "total_steps": settings.rl_steps,
-        "rollout": {"engine": engine, "max_response_tokens": 48, "reward": {"pool": "inline"}},
-        "batch": {"train_batch_size": 64, "gen_batch_size": 256, "mini_batch_size": 32, "micro_batch_size": 32},
-        "optimizer": {"lr": settings.rl_lr, "weight_decay": 0.0},
-        "spo": {"offline_values": str(offline_file)},
-        "checkpoint": {"every_steps": max(1, settings.rl_steps // 2), "keep_last": 1},
-        "eval": {"every_steps": max(1, settings.rl_steps // 3), "n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": -1},
-        "logging": {"tensorboard": False, "progress_bar": False},
-    }
+    config = _spo_config(sft_dir, assets.train_jsonl, val, offline_file, run_dir, settings, engine)
     import yaml
 
     config_path = out_dir / "spo.yaml"
