@@ -4,6 +4,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 EXTRAS ?= dev,rewards,observe
+DAPO_ORACLE ?= verl==0.9.1
 # vLLM's CPU build gets its own venv (it pins numpy below .venv's and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that break `import vllm`; shared/notes/vllm-on-cpu.md).
 # `make test` installs it (~4 min, 3.7 GB) and runs the vLLM tests there; VLLM_TESTS=0 skips them.
@@ -19,6 +20,9 @@ $(VENV)/.installed: setup.py pyproject.toml
 	# the CPU wheel of torch first, so nothing below pulls a CUDA build
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# the reward tests' oracle, DAPO's math scorer (tests/reward_cases.py loads one file of it by
+	# path); --no-deps because verl's dependencies (Ray, vLLM, ...) are not needed for that file
+	$(PIP) install -q --no-deps $(DAPO_ORACLE)
 	touch $@
 
 install: $(VENV)/.installed

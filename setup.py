@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # the tests also use verl==0.9.1 as an oracle, installed with --no-deps by `make install`
+    # (an extra cannot say --no-deps, and verl's own dependencies are not needed)
     "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     # GPU-only pieces; imported lazily behind the same interfaces as the CPU paths.
     # vllm 0.32 pins torch==2.13.0 and transformers<5.20 (0.33 wants torch 2.14); it brings its

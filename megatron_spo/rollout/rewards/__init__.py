@@ -39,16 +39,20 @@ class RewardConfig:
     function: str = "megatron_spo.rollout.rewards:math_reward"
     """Reward function as "package.module:function" (signature in the module docstring)."""
     strict_box: bool = True
-    """Only a `\\boxed{}` / `\\fbox{}` answer counts (the authors' strict box verification). Off:
-    a last "Answer: ..." line is accepted when there is no box."""
+    """Only a `\\boxed{}` / `\\fbox{}` answer counts (the authors' strict box verification; every
+    response DAPO's strict scorer accepts is accepted, except its false positives listed in
+    `math_grader`). Off: a last "Answer: ..." line is accepted when there is no box."""
     thinking: bool = False
     """The model thinks before answering: the response must contain exactly one `</think>`
     (else reward 0) and the answer is read after it. On for Qwen3 thinking runs."""
     answer_format_suffix: str = "The answer format must be: \\boxed{...}"
     """Appended to every prompt (DESIGN.md; the authors' dataset adds exactly this sentence)."""
-    answer_tail_chars: int = 300
-    """The answer is searched in the last this-many characters (upstream DAPO scorer: the
-    longest MATH-500 answer has 159 characters); bounds grading cost on 16k-token responses.
+    answer_tail_chars: int = 100
+    """The answer is searched in the last this-many characters (of the text after `</think>`
+    with `thinking` on). 100 is DAPO's strict path (verl `math_dapo.is_correct_strict_box` reads
+    the last 100 of the 300 characters `compute_score` keeps), so a box that starts earlier
+    counts for neither; it also bounds grading cost on 16k-token responses. DAPO's non-strict
+    path reads an "Answer:" line in the last 300: set 300 with `strict_box: false` to match it.
     0 searches the whole response."""
     math_verify: bool = True
     """Try `math-verify` symbolic equivalence after the exact and numeric paths fail."""
@@ -79,6 +83,9 @@ class RewardConfig:
             raise UserError(f"reward.workers must be >= 1, got {self.workers}")
         if self.timeout_s <= 0:
             raise UserError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        if self.answer_tail_chars < 0:
+            raise UserError(f"reward.answer_tail_chars must be >= 0 (0: the whole response), got "
+                            f"{self.answer_tail_chars}")
         if self.math_verify_timeout_s < 1:
             raise UserError(f"reward.math_verify_timeout_s must be a whole number >= 1, got "
                             f"{self.math_verify_timeout_s}")
