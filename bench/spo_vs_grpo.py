@@ -272,7 +272,7 @@ def main() -> None:
         print(f"{name}: {settings.steps} steps (load {_load_average()})", flush=True)
         run_dir = out / name
         config = run_config(name, settings, sft, data_dir / "train.jsonl", val, run_dir, settings.steps, args.seed)
-        wall[name] = train(config, out / f"{name}.yaml", settings, env, out / f"{name}.log", "never")
+        wall[name] = train(config, out / f"{name}.yaml", settings, env, out / f"{name}.log", "overwrite")
         loads.append(_load_average())
         runs[name] = read_run(run_dir)
         print(f"  {wall[name]:.0f}s, {runs[name]['tokens']} tokens, final accuracy {runs[name]['curve'][-1][1]:.3f}",

@@ -175,7 +175,7 @@ def run_ours(settings, setup, sft, train, out, env, seed) -> dict:
     launcher = ([sys.executable, "-m", "megatron_spo"] if procs == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                  "-m", "megatron_spo"])
-    wall, loads = _run(launcher + ["train", "--config", str(config_path), "checkpoint.resume=never", "--no-export"],
+    wall, loads = _run(launcher + ["train", "--config", str(config_path), "checkpoint.resume=overwrite", "--no-export"],
                        out / f"ours_{setup}.log", {**env, "OMP_NUM_THREADS": str(threads)})
     return {"wall": wall, "loads": loads, **read_ours(run_dir / "metrics.jsonl", settings.warmup, procs)}
 

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -78,7 +79,7 @@ def _spo_config(sft_dir: Path, train: Path, val: Path, offline_file: Path, run_d
         "seed": 0,
         "total_steps": settings.rl_steps,
         "algorithm": {"name": "spo", "spo": {"gen_batch_size": 256, "offline_values": str(offline_file)}},
-        "rollout": {"engine": {"name": engine}, "max_response_tokens": 48, "reward": {"pool": "inline"}},
+        "rollout": {"engine": {"name": engine}, "max_response_tokens": 48},
         "batch": {"train_batch_size": 64, "mini_batch_size": 32, "micro_batch_size": 32},
         "optimizer": {"lr": settings.rl_lr, "weight_decay": 0.0},
         "checkpoint": {"every_steps": max(1, settings.rl_steps // 2), "keep_last": 1},
@@ -87,12 +88,24 @@ def _spo_config(sft_dir: Path, train: Path, val: Path, offline_file: Path, run_d
     }
 
 
+def _fresh_out_dir(out_dir: Path) -> Path:
+    """The demo starts from nothing: an output directory of an earlier demo is cleared (said on
+    stdout); a non-empty directory that is not one is refused."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / "logs").is_dir() and not (out_dir / "assets").is_dir():
+            raise UserError(f"--out {out_dir} is not empty and is not a demo's output: give the demo a new or "
+                            "empty directory")
+        print(f"clearing {out_dir}: the output of an earlier demo", flush=True)
+        shutil.rmtree(out_dir)
+    return out_dir
+
+
 def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> dict:
     from megatron_spo.demo.assets import build_demo_assets
     from megatron_spo.demo.task import write_jsonl
 
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = _fresh_out_dir(Path(out_dir))
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
@@ -119,7 +132,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     estimate_dir = out_dir / "offline" / "estimate_0"
     _run([sys.executable, "-m", "megatron_spo", "values", "estimate", "--data", str(offline_subset), "--model", str(sft_dir),
           "-n", str(settings.offline_n), "--output-dir", str(estimate_dir), "--engine", engine, "temperature=1.0",
-          "top_p=1.0", "top_k=-1", "max_response_tokens=48", "reward.pool=inline"], logs / "estimate.log", env)
+          "top_p=1.0", "top_k=-1", "max_response_tokens=48"], logs / "estimate.log", env)
     offline_file = out_dir / "offline" / "offline_values.json"
     _run([sys.executable, "-m", "megatron_spo", "values", "merge", "--input-dir", str(out_dir / "offline"),
           "--output-file", str(offline_file), "--pattern", "estimate_*/validation_data/*.jsonl"], logs / "merge.log", env)

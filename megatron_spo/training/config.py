@@ -193,6 +193,10 @@ class SPOConfig(ValueConfig):
     """Normalise r - p_hat over the batch of sequences (the authors do)."""
     advantage_eps: float = 1e-8
     """Added to the batch std in the normalisation (the authors' value)."""
+    drift_tokens: Literal["model", "all"] = "model"
+    """Which tokens of a prompt's stored response the KL drift D (hence rho) averages over:
+    `model`, the tokens the policy wrote (tool output, which the policy did not choose, left out);
+    `all`, every response token as the authors' recipe does (the same without the tool agent)."""
     loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
     """The PPO-clip policy loss (the authors': clip 0.2 / 0.28, dual clip 10, token-mean, no KL)."""
 
@@ -360,8 +364,12 @@ class CheckpointConfig:
     """Save every this many steps (the authors' save_freq); 0 = only at the end."""
     keep_last: int = 2
     """Complete checkpoints kept (older ones are deleted after a newer one is complete)."""
-    resume: Literal["auto", "never"] = "auto"
-    """auto: continue from the latest complete checkpoint in `dir` if there is one."""
+    resume: Literal["auto", "never", "overwrite"] = "auto"
+    """A run directory belongs to one run (`training.run_dir`). auto: continue the run it holds
+    from its latest complete checkpoint (refused when the config differs in anything but logging,
+    evaluation, length and saving cadence; each resume's config is kept as
+    config.resume-<step>.yaml); never: start a new run, refused unless the directory is empty;
+    overwrite: delete what the directory (and `dir`) holds, then start a new run."""
     export_hf: bool = True
     """Write the final policy as a Hugging Face model to RUN_DIR/hf at the end."""
 

@@ -65,6 +65,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, parts: TrainerParts | None = None):
         from megatron_spo.models.checkpoint import hf_side_dir_of
+        from megatron_spo.rollout.engine import make_engine
+        from megatron_spo.rollout.scoring import ScoringPool
         from megatron_spo.training.data import PromptOrder
 
         parts = parts or TrainerParts()
@@ -73,7 +75,7 @@ class Trainer:
         self.parallel = par = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
         self.is_main = par.rank == 0
         self.run_dir = Path(cfg.run_dir)
-        self._lock = _lock_run_dir(self.run_dir, par)
+        self._lock, self._continues = _claim_run_dir(cfg, par)
         self.side_dir = hf_side_dir_of(cfg.model.hf_dir)
         self.tokenizer = parts.tokenizer or load_tokenizer(str(self.side_dir))
         self.prompts = parts.prompts if parts.prompts is not None else self._load_prompts()
@@ -81,10 +83,11 @@ class Trainer:
         self.algorithm = self._build_algorithm(parts.algorithm)
         self.total_steps = cfg.run_steps(len(self.prompts), self.algorithm.prompts_per_step)
         self._build_models(parts.load_model)
-        self.engine = parts.engine or _make_engine(cfg, self.side_dir)
+        self.engine = parts.engine or make_engine(cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed,
+                                                                            load_weights=False))
         self.placement = self._rollout_placement(parts.rollout_standalone)
         self.colocation = self._colocation()
-        self.scorer = parts.scorer or _make_scorer(cfg)
+        self.scorer = parts.scorer or ScoringPool(cfg.rollout.reward)
         self.step = 0
         self.generated_tokens = 0
         self.checkpointer = self._checkpointer()
@@ -171,7 +174,7 @@ class Trainer:
         return sharded, small
 
     def _resume(self) -> None:
-        if self.config.checkpoint.resume == "never":
+        if not self._continues:
             return
         sharded, small = self._stateful()
         info = self.checkpointer.load_latest(sharded=sharded, small=small)
@@ -189,7 +192,9 @@ class Trainer:
         return MetricsLogger(
             self.run_dir, jsonl=log.metrics_jsonl, tensorboard=log.tensorboard, wandb=log.wandb,
             wandb_project=log.wandb_project, wandb_run_name=log.wandb_run_name,
-            config=to_dict(self.config), resume_step=self.step if self.step else None, enabled=self.is_main,
+            config=to_dict(self.config), enabled=self.is_main,
+            # a continued run's rows after its checkpoint (all, before the first) are dropped
+            resume_step=(self.step or -1) if self._continues else None,
         )
 
     # ------------------------------------------------------------------ the step
@@ -308,11 +313,6 @@ class Trainer:
         checkpointing on their cadences; `on_step(step, metrics)` runs after each step's logging
         and checkpoint. Returns the last step's metrics (with the final evaluation)."""
         cfg, total = self.config, self.total_steps
-        if self.is_main:
-            from megatron_spo.config import save_config
-
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         progress = _progress(total, self.step, enabled=self.is_main and cfg.logging.progress_bar)
         last: dict[str, float] = {}
         if cfg.eval.before_train and self.step == 0:
@@ -354,35 +354,34 @@ class Trainer:
             self._lock.release()
 
 
-def _lock_run_dir(run_dir: Path, par):
-    """Rank 0 locks the run directory for this run (`training.run_lock`); every rank learns the
-    outcome, so a second run on the same directory stops with one line on all of them."""
+def _claim_run_dir(config: TrainConfig, par):
+    """Rank 0 locks the run directory for this run (`training.run_lock`) and claims it
+    (`training.run_dir`); every rank learns the outcome, so a refusal is one line on all of them.
+    Returns (the lock, whether the run continues the directory's run)."""
+    from megatron_spo.training.checkpointing import complete_checkpoints
+    from megatron_spo.training.run_dir import claim
     from megatron_spo.training.run_lock import RunDirLock
 
-    lock, holder = None, None
+    run_dir = Path(config.run_dir)
+    lock, verdict = None, (None, False)
     if par.rank == 0:
         lock = RunDirLock(run_dir)
         holder = lock.acquire()
+        if holder:
+            verdict = (f"run_dir {run_dir} is in use by another run ({holder}): wait for it to end, "
+                       f"or give this run another run_dir", False)
+        else:
+            done = complete_checkpoints(config.checkpoint_dir)
+            verdict = claim(run_dir, config, resume_step=int(done[-1].name.split("_")[1]) if done else 0)
     if par.world_size > 1:
-        box = [holder]
+        box = [verdict]
         torch.distributed.broadcast_object_list(box, src=0, group=par.host_group)
-        holder = box[0]
-    if holder:
-        raise UserError(f"run_dir {run_dir} is in use by another run ({holder}): wait for it to end, "
-                        f"or give this run another run_dir")
-    return lock
-
-
-def _make_engine(cfg: TrainConfig, side_dir: Path):
-    from megatron_spo.rollout.engine import make_engine
-
-    return make_engine(cfg.rollout.engine_config(str(side_dir), seed=cfg.seed, load_weights=False))
-
-
-def _make_scorer(cfg: TrainConfig):
-    from megatron_spo.rollout.scoring import ScoringPool
-
-    return ScoringPool(cfg.rollout.reward)
+        verdict = box[0]
+    if verdict[0]:
+        if lock is not None:
+            lock.release()
+        raise UserError(verdict[0])
+    return lock, verdict[1]
 
 
 def _progress(total: int, start: int, *, enabled: bool):

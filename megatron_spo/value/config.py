@@ -27,9 +27,10 @@ class ValueConfig:
     rho_mode: RhoMode = "kl"
     """Forgetting factor: `constant` uses `rho`; `kl` derives it per prompt from the policy's drift
     on the response stored at the prompt's previous visit (the authors' default)."""
-    rho: float = 0.96
-    """Forgetting factor in `constant` mode (dimensionless, in (0, 1]); 0.96 equals the KL mode's
-    value on a first visit, so the two modes agree until the policy starts to drift."""
+    rho: float = 0.875
+    """Forgetting factor in `constant` mode (dimensionless, in (0, 1]): the authors' recipe value
+    (`spo_trainer.yaml`), equal to the KL mode's lower clamp, i.e. its fastest forgetting (a first
+    visit in KL mode gets clip_upper = 0.96 instead)."""
     d_half: float = 0.06
     """Drift (mean |old logp - new logp| per token, nats) at which KL-mode rho halves; the authors'
     `D_half`, hard-coded in their recipe."""

@@ -202,6 +202,25 @@ def _ragged_index(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(offsets - starts_in_output, lengths) + np.arange(total)
 
 
+def _without_suffix(mapping: Mapping[str, Sequence[float]], suffix: str, source: str) -> Mapping[str, Sequence[float]]:
+    """`mapping` with `suffix` cut from the prompts that end with it (scores of a prompt given both
+    ways are pooled)."""
+    if not suffix:
+        return mapping
+    out: dict = {}
+    stripped = 0
+    for prompt, scores in mapping.items():
+        if isinstance(prompt, str) and prompt.endswith(suffix):
+            prompt, stripped = prompt[: -len(suffix)], stripped + 1
+        if prompt in out and isinstance(out[prompt], list) and isinstance(scores, list):
+            scores = out[prompt] + scores
+        out[prompt] = scores
+    if stripped:
+        logger.info("value store: %d prompts of %s end with the answer-format suffix; matched without it",
+                    stripped, source)
+    return out
+
+
 class ValueStore:
     """Per-prompt Beta posteriors for Single-stream SPO, sharded by prompt key over a DP group.
 
@@ -301,8 +320,13 @@ class ValueStore:
         *,
         dataset_prompts: Sequence[str] | np.ndarray | None = None,
         group: Any = None,
+        strip_suffix: str = "",
     ) -> "ValueStore":
         """Build from the authors' offline file `{prompt: [scores...]}` (a path or the mapping).
+
+        Offline prompts ending with `strip_suffix` (the answer-format suffix the training prompts
+        get appended, which the authors' own `offline_values.json` keys include) are keyed without
+        it, so they match the raw dataset prompts; the count is logged.
 
         With `dataset_prompts` (the raw prompt texts of the training set, or their keys) the store
         holds exactly the dataset: prompts missing from the offline file get Beta(0.5, 0.5)
@@ -314,6 +338,7 @@ class ValueStore:
 
         source = str(offline) if isinstance(offline, (str, os.PathLike)) else "offline values mapping"
         mapping = load_offline_values(offline) if isinstance(offline, (str, os.PathLike)) else offline
+        mapping = _without_suffix(mapping, strip_suffix, source)
         off_keys, successes, totals = _offline_counts(mapping, source)
         if off_keys.size == 0:
             raise UserError(f"{source}: no prompts (an empty offline values file)")

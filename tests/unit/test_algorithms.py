@@ -129,7 +129,7 @@ def test_segment_algorithms_mask_confident_tokens_and_whiten_the_rest():
 
 def test_soft_spo_batch_carries_rewards_and_q0_and_replays_its_sequences(tmp_path):
     from megatron_spo.rollout.types import Sample
-    from megatron_spo.training.algorithms.soft_spo import SoftSPO, SoftSPOConfig
+    from megatron_spo.training.algorithms.soft_spo import SoftSPO, SoftSPOConfig, context_key
 
     external = Sample(prompt_key=7, prompt_token_ids=[3, 4], response_token_ids=[5], response_logprobs=[math.nan],
                       response_mask=[1], reward=-0.5, extra={"source": "file:1", "q0": -0.2})
@@ -138,9 +138,10 @@ def test_soft_spo_batch_carries_rewards_and_q0_and_replays_its_sequences(tmp_pat
                            replay_per_step=1, reward_offset=-1.0)
     soft = SoftSPO(config, [external], rollout=RolloutConfig(n=1), batch=BatchConfig(train_batch_size=1, mini_batch_size=1),
                    seed=0)
-    soft.q0 = {PROMPTS[0].key: -0.4}
+    policy_context, file_context = context_key(PROMPTS[0].token_ids), context_key([3, 4])  # Q0 is per context
+    soft.q0 = {policy_context: -0.4}
     soft.before_generation(_ctx(), PROMPTS[:1])  # both Q0 known (the file gives its own): no engine needed
-    assert soft.q0 == {PROMPTS[0].key: -0.4, 7: -0.2}
+    assert soft.q0 == {policy_context: -0.4, file_context: -0.2}
     first = _rollout(PROMPTS[:1], [[7, 8]], [-1.0])
     soft.add_offpolicy(_ctx(step=0), first)
     assert first.responses == [[7, 8], [5]] and first.q0 == [-0.4, -0.2]  # policy + file, nothing to replay yet
@@ -148,11 +149,12 @@ def test_soft_spo_batch_carries_rewards_and_q0_and_replays_its_sequences(tmp_pat
     soft.add_offpolicy(_ctx(step=1), second)
     assert second.responses == [[9], [5], [7, 8]]  # + step 0's policy sequence from the replay buffer
     batch, adv = soft.prepare(_ctx(), second, TrainBatch.from_rollout(second, 0), None)
-    assert adv is None and batch.rewards.tolist() == [0.0, -0.5, -1.0] and batch.q0.tolist() == pytest.approx(
+    # the file's task reward -0.5 is shifted by reward_offset -1 like the policy's (already shifted here)
+    assert adv is None and batch.rewards.tolist() == [0.0, -1.5, -1.0] and batch.q0.tolist() == pytest.approx(
         [-0.4, -0.2, -0.4])
     assert soft.after_update(_ctx(), second) == {"rollout/reference_tokens": 0.0}
     state = soft.state_dict()
-    assert state["replay"][-1]["response"] == [9] and state["q0"][7] == -0.2
+    assert state["replay"][-1]["response"] == [9] and state["q0"][file_context] == -0.2
 
 
 @pytest.mark.parametrize("reward", [-1.0, 1.5, float("nan")])
@@ -167,3 +169,21 @@ def test_spo_refuses_rewards_the_beta_tracker_cannot_hold(reward):
         spo.prepare(_ctx(), rollout, TrainBatch.from_rollout(rollout, 0), None)
     fractional = _rollout(PROMPTS[:2], [[7], [8]], [1.0, 0.25])  # a partial success is a Beta observation
     spo.prepare(_ctx(), fractional, TrainBatch.from_rollout(fractional, 0), None)
+
+
+@pytest.mark.parametrize("drift_tokens, rho", [("model", 0.96), ("all", 0.875)])
+def test_spo_kl_drift_counts_model_tokens_not_tool_output(drift_tokens, rho):
+    """The stored response [7, 9] has 9 as tool output. At the next visit the actor's log-prob moved
+    by 1 nat on the tool token only: D = 0 over model tokens (rho = clip_upper 0.96), D = 0.5 over
+    all tokens (the authors' count; 2^(-0.5 / 0.06) clamps to clip_lower 0.875)."""
+    spo = _spo(rho_mode="kl", drift_tokens=drift_tokens)
+    prompt = PROMPTS[:1]
+    spo.before_generation(_ctx(), prompt)
+    first = Rollout()
+    first.add(0, prompt[0], prompt[0].token_ids, [7, 9], [1, 0], [-0.5, -0.5], 1.0)
+    spo.after_update(_ctx(logprob=-1.0), first)
+    moved = _ctx()
+    moved.logprobs = lambda model, batch: torch.where(batch.targets[:, :-1] == 9, -2.0, -1.0)
+    second = spo.after_update(moved, _rollout(prompt, [[8]], [1.0]))
+    assert second["kl_drift/mean"] == pytest.approx(0.0 if drift_tokens == "model" else 0.5)
+    assert second["rho/mean"] == pytest.approx(rho)

@@ -42,6 +42,7 @@ def test_defaults_are_the_authors(setup):
     assert cfg.rollout.temperature == 1.0 and cfg.rollout.max_response_tokens == 16384
     spo = cfg.algorithm.spo
     assert (spo.d_half, spo.clip_lower, spo.clip_upper, spo.eps) == (0.06, 0.875, 0.96, 0.05)
+    assert (spo.rho_mode, spo.rho) == ("kl", 0.875)  # constant mode: the recipe's rho (spo_trainer.yaml)
     assert cfg.checkpoint_dir.name == "checkpoints"
 
 

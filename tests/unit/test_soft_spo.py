@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_spo.errors import UserError
+from megatron_spo.rollout.prompts import PromptConfig
 from megatron_spo.value.keys import prompt_key
 from megatron_spo.testing.digit_task import (
     DigitPolicy,
@@ -21,8 +22,8 @@ from megatron_spo.training.algorithms.soft_spo import (
     SoftSPOConfig,
     estimate_prompt_q0,
     estimate_q0,
+    context_key,
     load_offpolicy_jsonl,
-    prompt_key_of,
     soft_spo_loss,
     terminal_q,
 )
@@ -178,6 +179,19 @@ def _write(path, lines):
     return path
 
 
+class CharTokenizer:
+    """One token per character, no chat template, EOS = token 0."""
+
+    chat_template = None
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+PLAIN = dict(tokenizer=CharTokenizer(), prompt_config=PromptConfig(answer_format_suffix=""))
+
+
 def test_load_offpolicy_jsonl_reads_text_and_token_id_records(tmp_path):
     path = _write(tmp_path / "seqs.jsonl", [
         json.dumps({"prompt": "ab", "response": "cde", "reward": -0.25}),
@@ -185,15 +199,16 @@ def test_load_offpolicy_jsonl_reads_text_and_token_id_records(tmp_path):
         json.dumps({"prompt_token_ids": [1, 2], "response_token_ids": [3], "reward": 1, "prompt_key": 7}),
         json.dumps({"prompt_token_ids": [1, 2], "response_token_ids": [4], "reward": 0}),
     ])
-    samples = load_offpolicy_jsonl(path, tokenize=lambda text: [ord(c) for c in text])
+    samples = load_offpolicy_jsonl(path, **PLAIN)
     assert len(samples) == 3
     first, second, third = samples
-    assert first.prompt_token_ids == [97, 98] and first.response_token_ids == [99, 100, 101]
-    assert first.reward == -0.25 and first.response_mask == [1, 1, 1]
+    # no template, no suffix here: the prompt's characters; a text response is closed by EOS (0)
+    assert first.prompt_token_ids == [97, 98] and first.response_token_ids == [99, 100, 101, 0]
+    assert first.reward == -0.25 and first.response_mask == [1, 1, 1, 1]
     assert first.prompt_key == prompt_key("ab") and first.prompt_text == "ab"  # the value store's key
     assert all(math.isnan(x) for x in first.response_logprobs)
     assert second.prompt_key == 7 and second.response_token_ids == [3] and second.reward == 1.0
-    assert third.prompt_key == prompt_key_of([1, 2]) != prompt_key_of([2, 1])
+    assert third.prompt_key == context_key([1, 2]) != context_key([2, 1])
     assert second.extra["source"].endswith("seqs.jsonl:3")
 
 
@@ -208,14 +223,16 @@ def test_load_offpolicy_jsonl_reads_text_and_token_id_records(tmp_path):
         ('{"prompt": "a", "response": "b", "reward": "high"}', "finite number"),
         ('{"prompt_token_ids": [1, -2], "response_token_ids": [3], "reward": 0}', "non-negative token ids"),
         ('{"prompt_token_ids": [1], "response_token_ids": [], "reward": 0}', "response is empty"),
-        ('{"prompt": 5, "response": "b", "reward": 0}', "'prompt' must be a string"),
+        ('{"prompt": 5, "response": "b", "reward": 0}', "expected a string or a non-empty list of chat messages"),
+        ('{"prompt": "a", "response": 5, "reward": 0}', "'response' must be a string"),
+        ('{"prompt": "a", "response": "b", "reward": 0, "q0": "x"}', "'q0' must be a finite number"),
     ],
 )
 def test_load_offpolicy_jsonl_errors_name_file_and_line(tmp_path, line, message):
     good = json.dumps({"prompt_token_ids": [1], "response_token_ids": [2], "reward": 0.0})
     path = _write(tmp_path / "bad.jsonl", [good, line])
     with pytest.raises(UserError, match=message) as error:
-        load_offpolicy_jsonl(path, tokenize=lambda text: [ord(c) for c in text])
+        load_offpolicy_jsonl(path, **PLAIN)
     assert f"{path}:2" in str(error.value)
 
 

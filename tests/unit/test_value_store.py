@@ -77,6 +77,25 @@ def test_missing_prior_and_skip(caplog):
         skip.sample(keys, 3, np.random.default_rng(0))
 
 
+def test_offline_prompts_keyed_with_the_answer_format_suffix_match_the_dataset(caplog):
+    """The authors' offline_values.json keys carry the suffix appended to training prompts: it is
+    cut before matching, and what still does not match is counted."""
+    suffix = "\n\nThe answer format must be: \\boxed{...}"
+    offline = {"What is 2 + 2?" + suffix: [1, 1, 0, 1], "What is 3 + 3?": [0, 0], "Unrelated?" + suffix: [1]}
+    with caplog.at_level("INFO", logger="megatron_spo.value.store"):
+        store = ValueStore.from_offline_values(offline, ValueConfig(), strip_suffix=suffix,
+                                               dataset_prompts=["What is 2 + 2?", "What is 3 + 3?", "New?"])
+    keys = prompt_keys(["What is 2 + 2?", "What is 3 + 3?"])
+    alpha, beta = store.posteriors(keys)
+    assert (alpha[0], beta[0]) == pytest.approx(_expected_prior(3, 4))
+    assert (alpha[1], beta[1]) == pytest.approx(_expected_prior(0, 2))
+    assert "2 prompts of offline values mapping end with the answer-format suffix" in caplog.text
+    assert "2 of 3 dataset prompts have offline values" in caplog.text and "1 offline prompts not in the dataset" in caplog.text
+    with pytest.raises(UserError, match="none of its 3 prompts"):  # without stripping nothing suffixed matches
+        ValueStore.from_offline_values({k: v for k, v in offline.items() if k.endswith(suffix)} | {"Other?": [1]},
+                                       ValueConfig(), dataset_prompts=["What is 2 + 2?"])
+
+
 def test_offline_file_matching_no_dataset_prompt_is_refused():
     with pytest.raises(UserError, match="none of its 4 prompts matches any of the 2 dataset prompts"):
         ValueStore.from_offline_values(OFFLINE, ValueConfig(), dataset_prompts=["x", "y"])

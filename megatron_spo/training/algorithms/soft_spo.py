@@ -25,33 +25,44 @@ Trainer interface (tensors (B, T) over response tokens; mask 0 on padding and to
     out.loss.backward()
 
 `logprobs` are teacher-forced under pi_theta (temperature 1), `ref_logprobs` under the frozen
-reference. Off-policy sequences from a file: `load_offpolicy_jsonl(path, tokenize=...)`.
+reference. Off-policy sequences from a file: `load_offpolicy_jsonl(path, tokenizer=..., prompt_config=...)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
 from megatron_spo.errors import UserError
-from megatron_spo.rollout.records import read_jsonl_objects
+from megatron_spo.rollout.prompts import PromptConfig, build_prompts
+from megatron_spo.rollout.records import raw_user_prompt, read_jsonl_objects
 from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams
 from megatron_spo.training.algorithms.base import Algorithm
 from megatron_spo.training.algorithms.segment_chain import ScoreFn, score_all
 from megatron_spo.value.keys import prompt_key as text_prompt_key
 
 SoftLossType = Literal["squared", "cross_entropy"]
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(kw_only=True)
 class SoftSPOConfig:
-    """Soft-SPO hyperparameters; defaults are the authors' (arXiv 2503.05453 example)."""
+    """Soft-SPO hyperparameters; defaults are the authors' (arXiv 2503.05453 example).
+
+    One reward scale: the loss and Q0 see every reward as task reward + `reward_offset`. That
+    holds for the policy's sequences (scored by the grader), the replay buffer's (kept shifted),
+    the reference samples behind Q0, and the off-policy files: a file's "reward" is a task reward
+    on the grader's scale (1 / 0 on a binary task, not 0 / -1) and is shifted like the others. A
+    file's "q0" is a soft value on the shifted scale (as Q0 is estimated), used as given. With
+    `loss_type: cross_entropy` a file whose shifted rewards are > 0 is refused when loaded.
+    """
 
     beta: float = 0.01
     """Softness: the weight of the log-ratio to pi_ref in Q; smaller trusts rewards more.
@@ -75,13 +86,14 @@ class SoftSPOConfig:
     max_response_tokens: int = 1024
     """Budget of the reference samples drawn for Q0, in tokens."""
     reward_offset: float = 0.0
-    """Added to the task reward before the loss and the Q0 estimate. The Q0 clamp and the
-    cross_entropy loss assume rewards <= 0: binary {0, 1} rewards want -1.0 (0 for a correct
-    answer, -1 for a wrong one)."""
+    """Added to every task reward (policy, off-policy file, Q0's reference samples) before the
+    loss and the Q0 estimate. The Q0 clamp and the cross_entropy loss assume rewards <= 0: binary
+    {0, 1} rewards want -1.0 (0 for a correct answer, -1 for a wrong one)."""
     offpolicy_files: list[str] = dataclasses.field(default_factory=list)
-    """Trainer: external sequences (jsonl, `load_offpolicy_jsonl`) mixed into every step. A
-    record needs its prompt's ground truth as "answer" (to estimate Q0 from reference samples)
-    or a "q0" value of its own."""
+    """Trainer: external sequences (jsonl, `load_offpolicy_jsonl`) mixed into every step. Text
+    prompts are built like the dataset's (`data.prompt`: chat template, answer-format suffix) and
+    text responses end with EOS. A record needs its prompt's ground truth as "answer" (to estimate
+    Q0 from reference samples) or a "q0" value of its own (records of one context must agree)."""
     offpolicy_per_step: int = 0
     """Trainer: external sequences added to each step (drawn without replacement, seeded)."""
     replay_buffer_size: int = 0
@@ -213,10 +225,11 @@ def estimate_prompt_q0(
     return [estimate_q0([next(scores) for _ in result.completions], config) for result in results]
 
 
-def prompt_key_of(prompt_token_ids: Sequence[int]) -> int:
-    """A stable 63-bit key of a prompt given only as token ids (same ids -> same key on every
-    machine). Prompts with text use the project's text key, `megatron_spo.value.keys.prompt_key`."""
-    digest = hashlib.blake2b(",".join(map(str, prompt_token_ids)).encode(), digest_size=8).digest()
+def context_key(token_ids: Sequence[int]) -> int:
+    """A stable 63-bit key of a token sequence (same ids -> same key on every machine). Q0 is keyed
+    by the context a sequence is trained with, so two contexts never share a Q0, while an on-policy
+    prompt and a file record that template to the same token ids do."""
+    digest = hashlib.blake2b(",".join(map(str, token_ids)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
@@ -234,87 +247,143 @@ def _finite(value, key: str, where: str) -> float:
     return float(value)
 
 
+def _text_part(record: dict, part: str, where: str, tokenizer):
+    if part not in record:
+        raise UserError(f"{where}: missing '{part}' (or '{part}_token_ids'); keys: {sorted(record)}")
+    if tokenizer is None:
+        raise UserError(f"{where}: '{part}' is text but no tokenizer was given; pass one or use '{part}_token_ids'")
+    return record[part]
+
+
+def _prompt_ids(record: dict, where: str, tokenizer, prompt_config: PromptConfig) -> list[int] | None:
+    """The context of a record: its "prompt_token_ids" as given, or its "prompt" (text or chat
+    messages) built exactly as the trainer builds dataset prompts (chat template, answer-format
+    suffix, length policy of `prompt_config`); None when over-long and skipped."""
+    if "prompt_token_ids" in record:
+        return _token_ids_field(record, "prompt_token_ids", where)
+    prompt = _text_part(record, "prompt", where, tokenizer)
+    try:
+        built = build_prompts([prompt], tokenizer, prompt_config)
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+    return built.prompts[0].token_ids if built.prompts else None
+
+
+def _response_ids(record: dict, where: str, tokenizer) -> list[int]:
+    """A record's "response_token_ids" as given, or its "response" text encoded on its own (so the
+    tokens are exactly the completion) and closed by the tokenizer's EOS, as a finished policy
+    response is."""
+    if "response_token_ids" in record:
+        return _token_ids_field(record, "response_token_ids", where)
+    text = _text_part(record, "response", where, tokenizer)
+    if not isinstance(text, str):
+        raise UserError(f"{where}: 'response' must be a string, got {type(text).__name__}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError(f"{where}: the tokenizer has no eos token, which ends a text response")
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    return ids if ids and ids[-1] == eos else ids + [eos]
+
+
 def load_offpolicy_jsonl(
-    path: str | os.PathLike, *, tokenize: Callable[[str], list[int]] | None = None
+    path: str | os.PathLike, *, tokenizer=None, prompt_config: PromptConfig | None = None
 ) -> list[Sample]:
     """Read external sequences for soft-SPO training, one JSON object per line:
 
-        {"prompt": "...", "response": "...", "reward": -0.25}
-        {"prompt_token_ids": [1, 2], "response_token_ids": [3, 4, 5], "reward": 0.0}
+        {"prompt": "...", "response": "...", "reward": 0.0}
+        {"prompt_token_ids": [1, 2], "response_token_ids": [3, 4, 5], "reward": 1.0}
 
-    Text fields need `tokenize` (prompt and response are tokenised separately, so the response
-    tokens are exactly the completion); token-id fields are used as given. Optional "answer" (the
+    A text "prompt" (a string or chat messages, as in the dataset) is built as the trainer builds
+    its dataset prompts with `prompt_config` (the run's `data.prompt`; default `PromptConfig()`):
+    chat template, answer-format suffix, over-long policy (a skipped record is logged). A text
+    "response" is encoded alone and ends with `tokenizer.eos_token_id`. Token-id fields are used as
+    given. "reward" is a task reward (the trainer adds `reward_offset`). Optional "answer" (the
     prompt's ground truth) and "q0" (its soft value) are kept for the trainer. The prompt key is the
-    record's integer "prompt_key" if present, else the value store's key of the prompt text
-    (`megatron_spo.value.keys.prompt_key`), else `prompt_key_of` its token ids. Blank lines are
-    skipped.
-    Behaviour log-probabilities are unknown for external data: `response_logprobs` are NaN
-    (soft-SPO does not use them). Every problem raises `UserError` naming the file and line.
+    record's integer "prompt_key" if present, else the value store's key of the prompt's last user
+    message (`megatron_spo.value.keys.prompt_key`, as the dataset's), else `context_key` of its
+    token ids. Blank lines are skipped. Behaviour log-probabilities are unknown for external data:
+    `response_logprobs` are NaN (soft-SPO does not use them). Every problem raises `UserError`
+    naming the file and line.
     """
-    path = os.fspath(path)
+    path, prompt_config = os.fspath(path), prompt_config or PromptConfig()
     try:
         numbered_records = read_jsonl_objects(path)
     except OSError as error:
         raise UserError(f"cannot read off-policy sequences file {path}: {error.strerror}") from None
-    samples = []
+    samples, skipped = [], 0
     for line_number, record in numbered_records:
         where = f"{path}:{line_number}"
-        token_ids = {}
-        for part in ("prompt", "response"):
-            if f"{part}_token_ids" in record:
-                token_ids[part] = _token_ids_field(record, f"{part}_token_ids", where)
-            elif part in record:
-                if not isinstance(record[part], str):
-                    raise UserError(f"{where}: '{part}' must be a string, got {type(record[part]).__name__}")
-                if tokenize is None:
-                    raise UserError(f"{where}: '{part}' is text but no tokenizer was given; "
-                                    f"pass one or use '{part}_token_ids'")
-                token_ids[part] = list(tokenize(record[part]))
-            else:
-                raise UserError(f"{where}: missing '{part}' (or '{part}_token_ids'); keys: {sorted(record)}")
-        if not token_ids["response"]:
+        prompt_ids = _prompt_ids(record, where, tokenizer, prompt_config)
+        response_ids = _response_ids(record, where, tokenizer)
+        if not response_ids:
             raise UserError(f"{where}: the response is empty")
         if "reward" not in record:
             raise UserError(f"{where}: missing 'reward'; keys: {sorted(record)}")
-        reward = record["reward"]
-        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-            raise UserError(f"{where}: 'reward' must be a finite number, got {reward!r}")
+        reward = _finite(record["reward"], "reward", where)
+        prompt_text = None
+        if "prompt" in record:
+            try:
+                prompt_text = raw_user_prompt(record["prompt"])
+            except UserError as error:
+                raise UserError(f"{where}: 'prompt': {error}") from None
         prompt_key = record.get("prompt_key", None)
         if prompt_key is None:
-            prompt_text = record.get("prompt")
-            prompt_key = prompt_key_of(token_ids["prompt"]) if prompt_text is None else text_prompt_key(prompt_text)
+            prompt_key = context_key(prompt_ids) if prompt_text is None else text_prompt_key(prompt_text)
         elif isinstance(prompt_key, bool) or not isinstance(prompt_key, int):
             raise UserError(f"{where}: 'prompt_key' must be an integer, got {prompt_key!r}")
-        num_response = len(token_ids["response"])
-        samples.append(
-            Sample(
-                prompt_key=prompt_key,
-                prompt_token_ids=token_ids["prompt"],
-                response_token_ids=token_ids["response"],
-                response_logprobs=[math.nan] * num_response,
-                response_mask=[1] * num_response,
-                reward=float(reward),
-                prompt_text=record.get("prompt") if isinstance(record.get("prompt"), str) else None,
-                response_text=record.get("response") if isinstance(record.get("response"), str) else None,
-                ground_truth=None if record.get("answer") is None else str(record["answer"]),
-                extra={"source": where, **({"q0": _finite(record["q0"], "q0", where)} if "q0" in record else {})},
-            )
-        )
+        if prompt_ids is None:
+            skipped += 1
+            continue
+        samples.append(Sample(
+            prompt_key=prompt_key, prompt_token_ids=prompt_ids, response_token_ids=response_ids,
+            response_logprobs=[math.nan] * len(response_ids), response_mask=[1] * len(response_ids),
+            reward=reward, prompt_text=prompt_text,
+            response_text=record.get("response") if isinstance(record.get("response"), str) else None,
+            ground_truth=None if record.get("answer") is None else str(record["answer"]),
+            extra={"source": where, **({"q0": _finite(record["q0"], "q0", where)} if "q0" in record else {})},
+        ))
+    too_long = f"longer than data.prompt.max_prompt_tokens={prompt_config.max_prompt_tokens} tokens"
+    if skipped:
+        logger.warning("%s: %d of %d off-policy records skipped: prompt %s", path, skipped, skipped + len(samples),
+                       too_long)
     if not samples:
-        raise UserError(f"{path}: no sequences (the file is empty)")
+        raise UserError(f"{path}: no sequences " + (f"(all {skipped} prompts are {too_long})" if skipped
+                                                      else "(the file is empty)"))
     return samples
+
+
+def check_offpolicy(samples: Sequence[Sample], config: SoftSPOConfig) -> dict[int, float]:
+    """Refuse off-policy sequences the trainer cannot use; returns the files' Q0 per context key."""
+    given_q0: dict[int, tuple[float, str]] = {}
+    for s in samples:
+        where = s.extra["source"]
+        if s.ground_truth is None and "q0" not in s.extra:
+            raise UserError(f"{where}: an off-policy sequence needs its prompt's 'answer' "
+                            "(to estimate Q0 from reference samples) or a 'q0' value")
+        if config.loss_type == "cross_entropy" and s.reward + config.reward_offset > 0:
+            raise UserError(f"{where}: reward {s.reward} + algorithm.soft_spo.reward_offset {config.reward_offset} "
+                            "> 0, but the cross_entropy loss needs rewards <= 0 (a file's 'reward' is a task "
+                            "reward, shifted like the policy's)")
+        if "q0" in s.extra:
+            key = context_key(s.prompt_token_ids)
+            q0, first = given_q0.setdefault(key, (s.extra["q0"], where))
+            if q0 != s.extra["q0"]:
+                raise UserError(f"{where}: 'q0' {s.extra['q0']} differs from {q0} given at {first} "
+                                "for the same context")
+    return {key: q0 for key, (q0, _) in given_q0.items()}
 
 
 class SoftSPO(Algorithm):
     """Soft SPO as a trainer algorithm (`training.algorithms.base`).
 
-    Each step trains on the policy's fresh sequences (rewards shifted by `reward_offset`; the
-    reported episode rewards keep the task's), this rank's share of `offpolicy_per_step` sequences
-    drawn from the external files, and `replay_per_step` sequences from this rank's replay buffer
-    of recent policy sequences. Every sequence carries its prompt's Q0, estimated once per prompt
-    from `q0_num_samples` samples of the frozen reference (the reference is loaded into the engine
-    for that, before the actor's weights) or taken from the file's `q0`. Log-probs are read at
-    temperature 1: the soft Q is defined on the policy itself, whatever sampled the sequence.
+    Each step trains on the policy's fresh sequences, this rank's share of `offpolicy_per_step`
+    sequences drawn from the external files, and `replay_per_step` sequences from this rank's
+    replay buffer of recent policy sequences; every training reward is shifted by `reward_offset`
+    (the reported episode rewards keep the task's). Every sequence carries the Q0 of its context
+    (`context_key` of its token ids): the file's `q0` where given, else estimated once from
+    `q0_num_samples` samples of the frozen reference (loaded into the engine for that, before the
+    actor's weights). Log-probs are read at temperature 1: the soft Q is defined on the policy
+    itself, whatever sampled the sequence.
     """
 
     name = "soft_spo"
@@ -326,24 +395,23 @@ class SoftSPO(Algorithm):
         from megatron_spo.training.objectives import SoftObjective
 
         self.config, self.offpolicy, self.seed = config, offpolicy, seed
+        self.given_q0 = check_offpolicy(offpolicy, config)  # context key -> the files' Q0
         self.n = rollout.n
         self.sampling = rollout_sampling(rollout)
         self.agent = tool_agent(rollout, self.sampling)
         self.train_batch_size = batch.train_batch_size
         self.objective = SoftObjective(config=config, tp_group=tp_group)
-        self.q0: dict[int, float] = {}  # soft value of each prompt under the reference
+        self.q0: dict[int, float] = {}  # context key -> soft value of the context under the reference
         self.reference_tokens = 0  # tokens sampled from the reference for Q0
         self.replay: list[dict] = []  # this rank's recent policy sequences
 
     @classmethod
     def from_config(cls, cfg, setup) -> SoftSPO:
+        """Off-policy text records are built with the run's tokenizer and `data.prompt`, as the
+        dataset's prompts are."""
         soft = cfg.algorithm.soft_spo
-        encode = lambda text: setup.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        samples = [s for path in soft.offpolicy_files for s in load_offpolicy_jsonl(path, tokenize=encode)]
-        for s in samples:
-            if s.ground_truth is None and "q0" not in s.extra:
-                raise UserError(f"{s.extra['source']}: an off-policy sequence needs its prompt's 'answer' "
-                                "(to estimate Q0 from reference samples) or a 'q0' value")
+        samples = [s for path in soft.offpolicy_files
+                   for s in load_offpolicy_jsonl(path, tokenizer=setup.tokenizer, prompt_config=cfg.data.prompt)]
         return cls(soft, samples, rollout=cfg.rollout, batch=cfg.batch, seed=cfg.seed, tp_group=setup.tp_group)
 
     @property
@@ -353,21 +421,22 @@ class SoftSPO(Algorithm):
     # ------------------------------------------------------------------ Q0
 
     def before_generation(self, ctx, batch) -> None:
-        """Q0 of the step's prompts not seen before, from samples of the reference. Computed once
-        per prompt (the reference is frozen), split over the rollout groups, shared by all ranks."""
+        """Q0 of the step's contexts not seen before (policy prompts and drawn file records), from
+        the files' `q0` or samples of the reference. Computed once per context (the reference is
+        frozen), split over the rollout groups, shared by all ranks."""
         from megatron_spo.training import rollouts
 
-        needed: dict[int, tuple[list[int], str]] = {}
-        for p in batch:
-            if p.key not in self.q0:
-                needed.setdefault(p.key, (p.token_ids, p.answer))
-        for s in self.offpolicy_draw(ctx.step):
-            if s.prompt_key in self.q0 or s.prompt_key in needed:
+        contexts = [(p.token_ids, p.answer) for p in batch]
+        contexts += [(s.prompt_token_ids, s.ground_truth) for s in self.offpolicy_draw(ctx.step)]
+        needed: dict[int, tuple[list[int], str]] = {}  # context key -> (context, ground truth)
+        for token_ids, answer in contexts:
+            key = context_key(token_ids)
+            if key in self.q0 or key in needed:
                 continue
-            if "q0" in s.extra:
-                self.q0[s.prompt_key] = s.extra["q0"]
+            if key in self.given_q0:
+                self.q0[key] = self.given_q0[key]
             else:
-                needed[s.prompt_key] = (s.prompt_token_ids, s.ground_truth)
+                needed[key] = (token_ids, answer)
         if not needed:
             return
         keys = sorted(needed)
@@ -404,7 +473,7 @@ class SoftSPO(Algorithm):
 
     def add_offpolicy(self, ctx, rollout) -> None:
         """This rank's share of the external sequences, then replayed sequences; the fresh policy
-        sequences go into the replay buffer; every sequence gets its prompt's Q0."""
+        sequences go into the replay buffer; every sequence gets its context's Q0."""
         from megatron_spo.training.rollouts import Prompt
 
         soft = self.config
@@ -415,7 +484,7 @@ class SoftSPO(Algorithm):
             prompt = Prompt(key=sample.prompt_key, raw=sample.prompt_text or "", token_ids=sample.prompt_token_ids,
                             answer=sample.ground_truth or "")
             rollout.add(-1, prompt, sample.prompt_token_ids, sample.response_token_ids, sample.response_mask,
-                        sample.response_logprobs, sample.reward)
+                        sample.response_logprobs, sample.reward + soft.reward_offset)  # a task reward, shifted
         if soft.replay_per_step and self.replay:
             rng = np.random.default_rng([self.seed, ctx.step, 2, ctx.dp_rank])
             picks = rng.choice(len(self.replay), min(soft.replay_per_step, len(self.replay)), replace=False)
@@ -426,7 +495,7 @@ class SoftSPO(Algorithm):
                             [float("nan")] * len(old["response"]), old["reward"])
         if soft.replay_buffer_size:
             self.replay = (self.replay + fresh)[-soft.replay_buffer_size :]
-        rollout.q0 = [self.q0[p.key] for p in rollout.prompts]
+        rollout.q0 = [self.q0[context_key(context)] for context in rollout.contexts]
 
     # ------------------------------------------------------------------ training
 

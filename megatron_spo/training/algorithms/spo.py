@@ -7,9 +7,10 @@ One response per prompt. Each prompt keeps a Beta posterior of its success rate 
    by the posterior (prioritised sampling: `ValueStore.sample`);
 2. reads p_hat of those prompts *before* any update of this step (the authors' order);
 3. trains on advantages r - p_hat, normalised over the global batch (`spo_advantages`);
-4. after the actor update, measures each prompt's KL drift D: the mean over the response tokens
-   of the response stored at the prompt's previous visit, of log pi_old - log pi_new, with pi_old
-   the log-probs stored then and pi_new the actor now; the forgetting factor rho = f(D)
+4. after the actor update, measures each prompt's KL drift D: the mean over the model-written
+   tokens (`drift_tokens`; the authors count tool output too) of the response stored at the
+   prompt's previous visit, of |log pi_old - log pi_new|, with pi_old the log-probs stored then
+   and pi_new the actor now; the forgetting factor rho = f(D)
    (`value.tracker.rho_from_drift`, or a constant), then the posterior update with reward r and
    rho; this step's response and its new log-probs are stored for the next visit.
 
@@ -51,7 +52,8 @@ class SPO(Algorithm):
         if spo.offline_values:
             # from_offline_values prints what it matched, what it filled with the prior, what it dropped
             store = ValueStore.from_offline_values(spo.offline_values, spo, group=setup.dp_group,
-                                                   dataset_prompts=[p.raw for p in setup.prompts])
+                                                   dataset_prompts=[p.raw for p in setup.prompts],
+                                                   strip_suffix=cfg.data.prompt.answer_format_suffix)
         else:
             keys = np.unique(np.array([p.key for p in setup.prompts], dtype=np.int64))
             store = ValueStore.from_keys(keys, spo, group=setup.dp_group)
@@ -102,7 +104,8 @@ class SPO(Algorithm):
 
     def _rho_from_drift(self, ctx, rollout, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """rho of each prompt from the KL drift of its previous response; stores this step's
-        responses with their new log-probs for the next visit."""
+        responses with their new log-probs for the next visit (NaN on tool-output tokens when
+        `drift_tokens` is `model`, so the next drift leaves them out)."""
         from megatron_spo.value.tracker import kl_drift, rho_from_drift
 
         stored = self.store.stored_responses(keys)
@@ -116,12 +119,16 @@ class SPO(Algorithm):
         mask = both.target_mask.bool()
         new_prev = [lp[i][mask[i]] for i in range(len(keys))]
         new_cur = [lp[len(keys) + i][mask[len(keys) + i]] for i in range(len(keys))]
+        if self.config.drift_tokens == "model":
+            new_cur = [torch.where(torch.tensor(m, dtype=torch.bool), v, float("nan")) if len(m) else v
+                       for v, m in zip(new_cur, rollout.masks)]
         drift = np.zeros(len(keys))
         if len(keys) and prev_old.numel():
             new_padded = torch.zeros_like(prev_old)
             for i, values in enumerate(new_prev):
                 new_padded[i, : values.numel()] = values
-            drift = np.asarray(kl_drift(prev_old, new_padded, prev_mask), dtype=np.float64)
+            counted = prev_mask & torch.isfinite(prev_old)  # NaN: a tool-output token (model tokens only)
+            drift = np.asarray(kl_drift(prev_old.nan_to_num(), new_padded, counted), dtype=np.float64)
             drift[~np.asarray(stored.present, dtype=bool)] = 0.0
         self.store.store_responses(keys, rollout.responses, [v.tolist() for v in new_cur])
         return rho_from_drift(drift, self.config), drift
