@@ -171,9 +171,9 @@ PLANTS = {
     # a GPU tensor into the gloo data-parallel group
     "gpu_into_gloo": """
         from megatron_spo import platform
-        from megatron_spo.training.trainer import Trainer
-        original = Trainer._reduce_sum
-        Trainer._reduce_sum = lambda self, t: original(self, t.to(platform.device()))
+        from megatron_spo.training.algorithms.base import StepContext
+        original = StepContext.reduce_sum
+        StepContext.reduce_sum = lambda self, t: original(self, t.to(platform.device()))
     """,
 }
 
@@ -202,7 +202,7 @@ def test_strict_mode_catches_planted_device_bugs(tiny, tmp_path, plant):
     line = (REPO / site[0]).read_text().splitlines()[int(site[1]) - 1]
     want = {"cpu_into_model": ("training/actor.py", "model("),
             "cpu_into_nccl": ("", "torch.distributed."),
-            "gpu_into_gloo": ("training/trainer.py", "all_reduce")}[plant]
+            "gpu_into_gloo": ("training/algorithms/base.py", "all_reduce")}[plant]
     assert want[0] in site[0] and want[1] in line, (site, line)
 
 
