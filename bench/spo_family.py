@@ -1,9 +1,9 @@
 """The five algorithms of the SPO family on the embedded demo task, from one SFT warm start, at one
-generated-token budget.
+generated-token budget, and SPO-tree with the authors' edge replay beside plain SPO-tree.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/spo_family.py [--sft DIR --data-dir DIR] [--quick]
-        [--algorithms spo,grpo,spo_chain,spo_tree,soft_spo] [--budget TOKENS] [--set ALGO:key=value ...]
-        [--reuse]
+        [--algorithms spo,grpo,spo_chain,spo_tree,spo_tree_replay,soft_spo] [--budget TOKENS]
+        [--set ALGO:key=value ...] [--reuse]
 
 Every run goes through the product path, `torchrun --nproc_per_node 2 -m megatron_spo train`, from
 the same SFT model, and stops once `rollout/total_generated_tokens` reaches the budget
@@ -18,6 +18,9 @@ each algorithm changes, and why, is in RECIPES below:
              point; segment advantages on the low-probability tokens only.
 - spo_tree   Segment Policy Optimization, tree: a tree of segments per prompt; every edge with a
              non-zero advantage is a training sequence.
+- spo_tree_replay  the same trees, trained the authors' way: at most 2 edges per question a step,
+             the rest replayed in later steps with their old log-probs (`replay_edges_per_question`;
+             compare with spo_tree: `--algorithms spo_tree,spo_tree_replay`).
 - soft_spo   Soft Policy Optimization: 64 prompts x 1, (Q_T - r)^2 with Q_T = Q0 + beta * sum of
              log pi / pi_ref; Q0 from reference samples drawn once per prompt, whose tokens are
              reported apart (`rollout/reference_tokens`), not in the budget.
@@ -63,7 +66,7 @@ from spo_vs_grpo import (  # noqa: E402  (bench scripts import each other from b
 
 from megatron_spo import atomic  # noqa: E402
 
-ALGORITHMS = ("spo", "grpo", "spo_chain", "spo_tree", "soft_spo")
+ALGORITHMS = ("spo", "grpo", "spo_chain", "spo_tree", "spo_tree_replay", "soft_spo")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -102,6 +105,17 @@ RECIPES = {
         "algorithm": {"name": "spo_tree", "spo_tree": {
             "branching_factors": [4, 4], "segment_tokens": 12, "temperature": 1.0, "top_p": 1.0,
             "max_response_tokens": 48}},
+        "batch": {"train_batch_size": 16, "mini_batch_size": 8},
+    }),
+    # The authors' edge replay on the same trees: they train at most 32 of a question's edges per
+    # iteration (of up to 258 in a 6-6-6 tree; the rest wait up to 8 iterations). Here a question
+    # has ~7 edges with A != 0 of its 20 (RESULTS.md: 106 of 320 per step), so 2 per step spreads
+    # them over ~3-4 steps.
+    "spo_tree_replay": Recipe(label="SPO-tree + edge replay (2 per question)", base="spo", tokens_per_step=5_300,
+                              overrides={
+        "algorithm": {"name": "spo_tree", "spo_tree": {
+            "branching_factors": [4, 4], "segment_tokens": 12, "temperature": 1.0, "top_p": 1.0,
+            "max_response_tokens": 48, "replay_edges_per_question": 2}},
         "batch": {"train_batch_size": 16, "mini_batch_size": 8},
     }),
     # Binary rewards shifted to {-1, 0} (the method assumes r <= 0). beta 0.1: with the authors'
@@ -181,7 +195,8 @@ def health(run_dir: Path) -> dict:
         "reference_tokens": rows[-1].get("rollout/reference_tokens", 0.0),
         "empty_mini_batches": sum(r.get("actor/empty_mini_batches", 0.0) for r in rows),
     }
-    for key in ("actor/approx_kl", "actor/clip_fraction", "actor/kl_ref", "soft/q_terminal", "soft/log_ratio_sum"):
+    for key in ("actor/approx_kl", "actor/clip_fraction", "actor/kl_ref", "soft/q_terminal", "soft/log_ratio_sum",
+                "replay/replayed_edges", "replay/buffered_edges", "replay/dropped_edges"):
         values = [r[key] for r in rows if key in r]
         if values:
             out[key] = {"first10": statistics.mean(values[:10]), "last10": statistics.mean(values[-10:])}
@@ -195,7 +210,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_spo_family"), help="work dir")
     parser.add_argument("--png", type=Path, default=Path(__file__).with_name("spo_family.png"), help="plot path")
     parser.add_argument("--quick", action="store_true", help="~3 steps per algorithm, 64 eval prompts (smoke test)")
-    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset [all five]")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated subset [all six]")
     parser.add_argument("--budget", type=int, help="generated tokens per run [300000]")
     parser.add_argument("--set", action="append", default=[], metavar="ALGO:KEY=VALUE",
                         help="override one trainer key of one algorithm, e.g. soft_spo:optimizer.lr=1e-4")
@@ -283,7 +298,8 @@ def main() -> None:
     plot(runs, args.png, f"demo task, same SFT start, {settings.budget or 'quick'} generated tokens per run, "
          f"seed {args.seed}", labels={a: RECIPES[a].label for a in algorithms})
 
-    short = {"spo": "SPO", "grpo": "GRPO", "spo_chain": "SPO-chain", "spo_tree": "SPO-tree", "soft_spo": "Soft SPO"}
+    short = {"spo": "SPO", "grpo": "GRPO", "spo_chain": "SPO-chain", "spo_tree": "SPO-tree",
+             "spo_tree_replay": "SPO-tree replay", "soft_spo": "Soft SPO"}
     print("\nAccuracy at each evaluation (tokens in thousands):\n")
     print("| eval | " + " | ".join(short[a] for a in algorithms) + " |")
     print("| --- |" + " --- |" * len(algorithms))

@@ -105,8 +105,8 @@ def warm_start(args, settings: BenchSettings, out: Path, env) -> tuple[Path, Pat
     print(f"SFT warm start, {settings.sft_steps} steps (load {_load_average()})", flush=True)
     _run([sys.executable, "-m", "megatron_spo", "sft", "--model", str(assets.model_dir), "--data",
           str(assets.sft_jsonl), "--out", str(sft_dir), "--overwrite", f"max_steps={settings.sft_steps}",
-          f"lr={settings.sft_lr}", "global_batch_size=32", "micro_batch_size=32", "warmup_steps=20",
-          "schedule=constant", "epochs=100"], out / "sft.log", env)
+          f"optimizer.lr={settings.sft_lr}", "global_batch_size=32", "micro_batch_size=32", "optimizer.warmup_steps=20",
+          "optimizer.schedule=constant", "epochs=100"], out / "sft.log", env)
     return sft_dir, Path(assets.train_jsonl).parent
 
 

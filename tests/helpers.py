@@ -144,8 +144,10 @@ def tiny_train_setup(root: Path, *, family: str = "qwen3", prompts: int = 24) ->
 ALGORITHM_OVERRIDES = {
     "spo": {},
     "grpo": {"rollout": {"n": 2}},
+    # a tiny random model rarely ends within 8 tokens: with the authors' truncated_reward 0 every
+    # reward would be 0 and nothing would train, so its truncated texts are graded (parity reward)
     "spo_chain": {"algorithm": {"spo_chain": {"num_continuations": 2, "cut_interval": 2, "max_response_tokens": 8,
-                                              "temperature": 1.0, "top_p": 1.0}}},
+                                              "temperature": 1.0, "top_p": 1.0, "truncated_reward": None}}},
     "spo_tree": {"algorithm": {"spo_tree": {"branching_factors": [2, 2], "segment_tokens": 3,
                                             "max_response_tokens": 8, "temperature": 1.0, "top_p": 1.0}}},
     "soft_spo": {"algorithm": {"soft_spo": {"q0_num_samples": 4, "reward_offset": -1.0, "beta": 0.1,

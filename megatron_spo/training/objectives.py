@@ -15,7 +15,9 @@ or spread over ranks:
     soft     (soft_spo)        mean over sequences of the soft-Q loss
 
 Deliberate difference from the segment authors: their token mean is per micro-batch; ours is over
-the whole mini-batch (the same thing with one micro-batch).
+the whole mini-batch (the same thing with one micro-batch). Their advantage whitening is per
+micro-batch too; ours is over the step unless `whiten_scope: micro_batch`, which whitens here, per
+micro-batch (`algorithms.segment_loss` says why the step is the default).
 
 Each objective reads a `training.batch.TrainBatch` micro-batch (its fields say what they hold)
 and names how its metric sums are reported (`REPORTED`: sum -> metric, divided by the count).
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-from megatron_spo.training.algorithms.segment_loss import SegmentLossConfig, segment_loss_terms
+from megatron_spo.training.algorithms.segment_loss import SegmentLossConfig, segment_loss_terms, whiten_masked
 from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig, soft_spo_loss
 from megatron_spo.training.batch import TrainBatch
 from megatron_spo.training.logprobs import vocab_parallel_logprobs
@@ -88,6 +90,10 @@ class PPOObjective:
 
 @dataclasses.dataclass(kw_only=True)
 class SegmentObjective:
+    """PPO clip on segment advantages over the probability-masked tokens plus the k3 KL
+    (spo_chain, spo_tree); with `whiten_scope: micro_batch` it whitens each micro-batch first.
+    `config`: `algorithms.segment_loss.SegmentLossConfig`."""
+
     config: SegmentLossConfig
     temperature: float = 1.0
     tp_group: object = None
@@ -101,8 +107,12 @@ class SegmentObjective:
         width = lp.shape[1]
         mask = mb.response_mask[:, :width]
         old = mb.old_logprobs[:, :width]
+        advantages = mb.advantages[:, :width]
+        if self.config.whiten_advantages and self.config.whiten_scope == "micro_batch":
+            # the authors' scope: this micro-batch's masked tokens (prepare left them raw)
+            advantages = whiten_masked(advantages, mask.bool(), eps=self.config.whiten_eps) * mask
         use_kl = self.config.kl_coef > 0
-        terms = segment_loss_terms(lp, old, mb.advantages[:, :width], mask.bool(), self.config,
+        terms = segment_loss_terms(lp, old, advantages, mask.bool(), self.config,
                                    ref_logprobs=mb.ref_logprobs[:, :width] if use_kl else None)
         count = mask.sum()
         pg_sum = terms.pg.sum()

@@ -9,7 +9,8 @@ forward passes and actor update over it. Only this module and the algorithm's ob
     spo_chain             the same, then K continuations from each cut point's token prefix
                           (`algorithms.segment_chain`), giving per-token segment advantages
     spo_tree              a tree per prompt grown level by level (`algorithms.segment_tree`);
-                          every edge with a non-zero advantage is one sequence
+                          every edge with a non-zero advantage is one sequence (with edge
+                          replay, at most N per question a step, `algorithms.spo_tree`)
     soft_spo              plus sequences from an external file and a replay buffer
 
 Sampling seeds derive from (run seed, step, position of the prompt in the step's global batch),
@@ -160,10 +161,14 @@ def step_seed(seed: int, step: int, index: int) -> int:
 
 
 def generate(engine, tokenizer, scorer: PromptScorer, batch: Sequence[Prompt], mine: Sequence[int], *,
-             n: int, sampling: Sampling, seeds: Sequence[int], agent_config=None) -> Rollout:
+             n: int, sampling: Sampling, seeds: Sequence[int], agent_config=None,
+             truncated_reward: float | None = None, train_on_stop_token: bool = True) -> Rollout:
     """n responses to each prompt `batch[i]`, i in `mine`, scored; single turn or the tool agent.
 
-    `scorer.answers` is indexed by position in `batch`; `seeds[i]` seeds prompt `batch[i]`.
+    `scorer.answers` is indexed by position in `batch`; `seeds[i]` seeds prompt `batch[i]`. With
+    `truncated_reward` set, a response cut by length scores it ungraded; with
+    `train_on_stop_token` false, the stop token ending a finished single-turn response gets mask 0
+    (the segment algorithms' reference choices, `algorithms.segment_chain` / `segment_loss`).
     """
     rollout = Rollout()
     if agent_config is not None:
@@ -175,7 +180,8 @@ def generate(engine, tokenizer, scorer: PromptScorer, batch: Sequence[Prompt], m
         samples = AgentLoop(engine, tokenizer, agent_config).run(tasks) if tasks else []
         owners = [i for i in mine for _ in range(n)]
         # grade what the model wrote, not what the code printed (agent_loop's docstring)
-        rewards = scorer.score_texts([s.extra["model_text"] for s in samples], owners)
+        rewards = _score_finished(scorer, [s.extra["model_text"] for s in samples], owners,
+                                  [s.finish_reason for s in samples], truncated_reward)
         for i, sample, reward in zip(owners, samples, rewards):
             rollout.add(i, batch[i], sample.prompt_token_ids, sample.response_token_ids, sample.response_mask,
                         sample.response_logprobs, reward)
@@ -192,15 +198,25 @@ def generate(engine, tokenizer, scorer: PromptScorer, batch: Sequence[Prompt], m
         completions = [c for result in results for c in result.completions]
         texts = [c.text if c.text is not None else tokenizer.decode(c.token_ids, skip_special_tokens=True)
                  for c in completions]
-        rewards = scorer.score_texts(texts, owners)
+        rewards = _score_finished(scorer, texts, owners, [c.finish_reason for c in completions], truncated_reward)
         for i, completion, reward in zip(owners, completions, rewards):
-            rollout.add(i, batch[i], batch[i].token_ids, completion.token_ids, [1] * len(completion.token_ids),
-                        completion.logprobs, reward)
+            mask = [1] * len(completion.token_ids)
+            if not train_on_stop_token and completion.finish_reason == "stop" and mask:
+                mask[-1] = 0  # the EOS / stop token the engine returns with the response
+            rollout.add(i, batch[i], batch[i].token_ids, completion.token_ids, mask, completion.logprobs, reward)
             rollout.generated_tokens += len(completion.token_ids)
     rollout.episode_rewards = list(rollout.rewards)
     rollout.episode_index = list(rollout.prompt_index)
     rollout.grader_failures = scorer.failures
     return rollout
+
+
+def _score_finished(scorer: PromptScorer, texts: Sequence[str], owners: Sequence[int],
+                    finish_reasons: Sequence[str], truncated_reward: float | None) -> list[float]:
+    """Grades of `texts`; with `truncated_reward` set, those cut by length get it ungraded."""
+    graded = [j for j, reason in enumerate(finish_reasons) if truncated_reward is None or reason != "length"]
+    scores = dict(zip(graded, scorer.score_texts([texts[j] for j in graded], [owners[j] for j in graded])))
+    return [scores[j] if j in scores else float(truncated_reward) for j in range(len(texts))]
 
 
 def attach_chain_advantages(rollout: Rollout, engine, pool, tokenizer, config, old_logprobs,

@@ -141,6 +141,21 @@ def test_other_spos_one_step_at_tp2_equals_tp1(spawn, tmp_path, algorithm):
             _assert_same(single, res, f"{algorithm} TP={tp} PP={pp} rank {rank}")
 
 
+def test_spo_tree_edge_replay_resumes_exactly(spawn, tmp_path):
+    """SPO-tree with the authors' edge replay (at most 2 edges per question a step): edges wait and
+    are replayed in later steps, and a run resumed from its step-1 checkpoint (the waiting edges
+    and their old log-probs are the algorithm's state) ends like the uninterrupted one."""
+    base = merge(algorithm_setup(tmp_path, "spo_tree"), {"algorithm": {"spo_tree": {"replay_edges_per_question": 2}}})
+    full = spawn(1, _train, {**base, "run_dir": str(tmp_path / "full"), "checkpoint": {"every_steps": 0}}, 3)[0]
+    assert full["history"][0]["replay/buffered_edges"] > 0  # some of step 0's edges waited
+    assert sum(h["replay/replayed_edges"] for h in full["history"]) > 0  # and trained later
+    interrupted = {**base, "run_dir": str(tmp_path / "split"), "checkpoint": {"every_steps": 1}}
+    spawn(1, _train, interrupted, 1)
+    resumed = spawn(1, _train, interrupted, 3)[0]
+    assert resumed["start"] == 1, "did not resume from the step-1 checkpoint"
+    _assert_same({**full, "history": full["history"][1:]}, resumed, "resumed run")
+
+
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_kill_during_checkpoint_write_is_ignored_on_resume(tmp_path, kill):
     """A kill while step 2's checkpoint is being written: no process the run started outlives it

@@ -127,6 +127,69 @@ def test_segment_algorithms_mask_confident_tokens_and_whiten_the_rest():
     assert batch.response_mask[0].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]
 
 
+def test_edge_replay_draws_at_most_n_edges_per_question_and_buffers_the_rest():
+    """The authors' OnPolicyReplayBuffer: per question at most N edges a step, the rest wait (with
+    the old log-probs `keep` gives them) and are drawn in later steps, or dropped at max_age."""
+    from megatron_spo.training.algorithms.spo_tree import EdgeReplay
+
+    replay = EdgeReplay(per_question=2, max_age=2)
+    fresh = _rollout(PROMPTS, [[10], [11], [12], [20]], [1.0, 0.0, 1.0, 0.0], index=[0, 0, 0, 1])
+    fresh.token_advantages = [[0.5], [-0.5], [0.5], [-0.5]]
+    fresh.episode_rewards, fresh.episode_index = [1.0, 0.0], [0, 1]
+    drawn = replay.draw(fresh, 0, 0)
+    # question 100 (position 0) has 3 edges: 2 drawn, 1 waits; question 101 its only edge
+    assert sorted(drawn.prompt_index) == [0, 0, 1] and drawn.episode_rewards == [1.0, 0.0]
+    (waiting,) = replay.waiting
+    assert waiting["question"] == 100 and waiting["response"] not in drawn.responses
+    with pytest.raises(RuntimeError, match="before keep"):
+        replay.draw(fresh, 1, 0)
+    replay.keep([[-0.7]])
+    again = _rollout(PROMPTS, [[21], [22]], [1.0, 1.0], index=[1, 1])
+    again.token_advantages = [[0.1], [0.2]]
+    drawn = replay.draw(again, 1, 1)
+    # step 1: question 101's two fresh edges, and question 100's buffered one at position -1
+    # (spread over mini-batches), with NaN engine log-probs and its stored old log-probs
+    assert drawn.responses == [[21], [22], waiting["response"]] and drawn.prompt_index == [1, 1, -1]
+    assert math.isnan(drawn.logprobs[2][0]) and replay.replayed_old == {2: [-0.7]} and replay.edges == []
+    assert drawn.token_advantages == [[0.1], [0.2], waiting["advantages"]]
+    # aging: an edge sampled at step 1 is dropped at step 3 (max_age 2), never drawn
+    replay.keep([])
+    replay.edges = [{**waiting, "step": 1, "old_logprobs": [-0.7]}]
+    assert len(replay.draw(Rollout(token_advantages=[]), 3, 2)) == 0
+    assert replay.counts == {"replayed": 0, "dropped": 1} and replay.edges == []
+
+
+def test_spo_tree_replay_trains_buffered_edges_on_their_stored_old_logprobs_and_resumes():
+    from megatron_spo.training.algorithms.segment_loss import SegmentLossConfig
+    from megatron_spo.training.algorithms.segment_tree import SegmentTreeConfig
+    from megatron_spo.training.algorithms.spo_tree import SPOTree
+
+    config = SegmentTreeConfig(replay_edges_per_question=1, loss=SegmentLossConfig(kl_coef=0.0))
+    tree = SPOTree(config, batch=BatchConfig(train_batch_size=1, mini_batch_size=1))
+    fresh = _rollout(PROMPTS[:1], [[7, 8], [9]], [1.0, 0.0], index=[0, 0])
+    fresh.token_advantages = [[0.5, 0.5], [-0.5]]
+    drawn = tree.replay.draw(fresh, 0, 0)
+    sequences = TrainBatch.from_rollout(drawn, 0)
+    tree.prepare(_ctx(logprob=-1.0), drawn, sequences, torch.full((1, sequences.input_ids.shape[1] - 1), -1.0))
+    (kept,) = tree.replay.edges  # the edge not drawn, with the old log-probs of the step that sampled it
+    assert kept["response"] not in drawn.responses and kept["old_logprobs"] == [-1.0] * len(kept["response"])
+    state = tree.state_dict()
+
+    drawn = tree.replay.draw(Rollout(token_advantages=[]), 1, 1)
+    sequences = TrainBatch.from_rollout(drawn, 0)  # context [1, 2]: response targets from position 1
+    width = sequences.input_ids.shape[1] - 1
+    batch, _ = tree.prepare(_ctx(logprob=-3.0), drawn, sequences, torch.full((1, width), -3.0))
+    n = len(kept["response"])
+    assert batch.old_logprobs[0, 1 : 1 + n].tolist() == [-1.0] * n  # stored, not this step's -3
+    assert batch.response_mask[0, 1 : 1 + n].tolist() == [1.0] * n  # p_old = e^-1 < 0.9: trained
+    assert tree.after_update(_ctx(), drawn) == {"replay/buffered_edges": 0.0, "replay/replayed_edges": 1.0,
+                                                "replay/dropped_edges": 0.0}
+    resumed = SPOTree(config, batch=BatchConfig(train_batch_size=1, mini_batch_size=1))
+    resumed.load_state_dict(state)
+    again = resumed.replay.draw(Rollout(token_advantages=[]), 1, 1)
+    assert again.responses == drawn.responses and resumed.replay.replayed_old == {0: [-1.0] * n}
+
+
 def test_soft_spo_batch_carries_rewards_and_q0_and_replays_its_sequences(tmp_path):
     from megatron_spo.rollout.types import Sample
     from megatron_spo.training.algorithms.soft_spo import SoftSPO, SoftSPOConfig, context_key
@@ -187,3 +250,19 @@ def test_spo_kl_drift_counts_model_tokens_not_tool_output(drift_tokens, rho):
     second = spo.after_update(moved, _rollout(prompt, [[8]], [1.0]))
     assert second["kl_drift/mean"] == pytest.approx(0.0 if drift_tokens == "model" else 0.5)
     assert second["rho/mean"] == pytest.approx(rho)
+
+
+def test_spo_chain_seeds_continuations_by_sequence_and_has_no_post_update_state():
+    """Continuations of the n responses to one prompt must differ: response j of prompt i is seeded
+    by position i * n + j of step_seed(seed + 31, step, .) = (31 * 1_000_003 + 1 * 10_007 + pos) at
+    seed 0, step 0, whatever order the rank holds its sequences in."""
+    from megatron_spo.training.algorithms.segment_chain import SegmentChainConfig
+    from megatron_spo.training.algorithms.spo_chain import SPOChain
+
+    chain = SPOChain(SegmentChainConfig(), rollout=RolloutConfig(n=2),
+                     batch=BatchConfig(train_batch_size=2, mini_batch_size=2))
+    base = 31 * 1_000_003 + 10_007
+    rollout = _rollout(PROMPTS, [[7], [8], [9], [7]], [1.0, 0.0, 0.0, 1.0], index=[1, 0, 1, 0])
+    assert chain.sequence_seeds(_ctx(), rollout, batch_size=2) == [base + 2, base + 0, base + 3, base + 1]
+    assert chain.keeps_engine_after_generation and chain.loss_temperature == SegmentChainConfig().temperature
+    assert chain.after_update(_ctx(), rollout) == {} and chain.state_dict() == {}

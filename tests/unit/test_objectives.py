@@ -97,6 +97,28 @@ def _test_segment_objective_matches_segment_policy_loss_with_one_micro_batch():
     assert (loss_sum / count).item() == pytest.approx(expected.loss.item(), rel=1e-5)
 
 
+def _test_segment_objective_whitens_each_micro_batch_when_asked():
+    """whiten_scope micro_batch (the authors'): each micro-batch's masked advantages get their own
+    mean and unbiased variance; the token mean of the PPO term still runs over the mini-batch."""
+    from megatron_spo.training.algorithms.segment_loss import whiten_masked
+
+    logits, mb, lp = _batch(2)
+    mb["advantages"] = mb["advantages"] + 3.0 * mb["response_mask"]  # an offset whitening removes
+    config = SegmentLossConfig(kl_coef=0.0, whiten_scope="micro_batch")
+    objective = as_loss_fn(SegmentObjective(config=config))
+    parts = [[0, 1], [2]]
+    sums = [objective(logits[rows], _split(mb, rows))[:2] for rows in parts]
+    w = slice(None, -1)
+    mask = mb["response_mask"][:, w]
+    whitened = torch.cat([whiten_masked(mb["advantages"][rows, w], mask[rows].bool()) for rows in parts]) * mask
+    expected = segment_policy_loss(lp[:, w], mb["old_logprobs"][:, w], whitened, mask.bool(), config)
+    got = sum(s for s, _ in sums) / sum(c for _, c in sums)
+    assert got.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    whole = whiten_masked(mb["advantages"][:, w], mask.bool()) * mask
+    step_scope = segment_policy_loss(lp[:, w], mb["old_logprobs"][:, w], whole, mask.bool(), config)
+    assert abs(got.item() - step_scope.loss.item()) > 1e-3  # the scope matters on this batch
+
+
 def _test_segment_kl_term_by_hand():
     """One sequence, two masked tokens, advantages 0: loss = kl_coef * sum_t k3_t (per-sequence sum,
     averaged over the single sequence), with k3 = e^d - d - 1, d = log pi_ref - log pi."""
@@ -134,6 +156,7 @@ CASES = [
     ("_test_ppo_objective_is_the_ppo_loss_and_split_invariant", ("seq-mean",)),
     ("_test_ppo_objective_without_old_logprobs_uses_its_own_forward", ()),
     ("_test_segment_objective_matches_segment_policy_loss_with_one_micro_batch", ()),
+    ("_test_segment_objective_whitens_each_micro_batch_when_asked", ()),
     ("_test_segment_kl_term_by_hand", ()),
     ("_test_soft_objective_is_the_mean_soft_loss_and_ignores_blank_rows", ()),
 ]

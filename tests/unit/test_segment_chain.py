@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_spo.rollout.types import GenerationRequest, Sample, SamplingParams
+from megatron_spo.rollout.types import Completion, GenerationRequest, GenerationResult, Sample, SamplingParams
 from megatron_spo.training.algorithms import TOKEN_ADVANTAGES_KEY
 from megatron_spo.testing.digit_task import (
     DigitPolicy,
@@ -191,9 +191,86 @@ def test_config_defaults_are_the_authors_and_load_strictly_from_user_input():
     config = SegmentChainConfig()
     assert (config.cut_interval, config.num_continuations, config.temperature, config.top_p) == (5, 9, 0.6, 0.9)
     assert (config.loss.prob_threshold, config.loss.clip_ratio, config.loss.kl_coef) == (0.9, 0.2, 1e-4)
+    # the authors' scoring of truncated responses, whitening scope (ours: the step) and EOS
+    assert config.truncated_reward == 0.0 and config.loss.whiten_scope == "step" and not config.loss.train_on_eos
     loaded = from_dict(SegmentChainConfig, {"cut_interval": 10, "num_continuations": 4, "loss": {"kl_coef": 0}})
     assert loaded.cut_interval == 10 and loaded.num_continuations == 4 and loaded.loss.kl_coef == 0.0
+    loaded = from_dict(SegmentChainConfig, {"truncated_reward": None, "loss": {"whiten_scope": "micro_batch"}})
+    assert loaded.truncated_reward is None and loaded.loss.whiten_scope == "micro_batch"
+    with pytest.raises(UserError, match="whiten_scope"):
+        from_dict(SegmentChainConfig, {"loss": {"whiten_scope": "mini_batch"}})
     with pytest.raises(UserError, match="cut_intervall"):
         from_dict(SegmentChainConfig, {"cut_intervall": 10})
     with pytest.raises(UserError, match="cut_interval must be >= 1"):
         from_dict(SegmentChainConfig, {"cut_interval": 0})
+
+
+class _AlternatingEngine:
+    """Every request's n completions: one token `9`, finished ("stop") for even j, cut by length
+    for odd j."""
+
+    def generate(self, requests):
+        return [GenerationResult(request=r, completions=[
+            Completion(token_ids=[9], logprobs=[-1.0], finish_reason="length" if j % 2 else "stop")
+            for j in range(r.params.n)]) for r in requests]
+
+
+@pytest.mark.parametrize("truncated_reward", [0.0, None])
+def test_truncated_response_and_continuations_score_truncated_reward_ungraded(truncated_reward):
+    """The authors score a response or continuation cut by length 0, ungraded
+    (`math_episode_generator_with_mc_advantages.py`); None grades it like any other."""
+    graded = []
+
+    def score(index, response, finish_reason):
+        graded.append(finish_reason)
+        return 1.0
+
+    config = SegmentChainConfig(cut_interval=1, num_continuations=4, truncated_reward=truncated_reward)
+    low = math.log(0.5)  # both tokens are cut points: prefixes [] and [3]
+    sample = Sample(prompt_key=0, prompt_token_ids=[1, 2], response_token_ids=[3, 4], response_logprobs=[low, low],
+                    response_mask=[1, 1], reward=1.0, finish_reason="length")
+    built = build_chain_samples([sample], _AlternatingEngine(), score, config)[0]
+    if truncated_reward is None:  # every continuation graded 1: V = 1, R = 1, A = 0
+        assert graded == ["stop", "length"] * 4 and built.extra["boundary_values"] == [1.0, 1.0]
+        assert built.reward == 1.0 and built.extra[TOKEN_ADVANTAGES_KEY] == [0.0, 0.0]
+    else:  # 2 of 4 continuations per prefix cut: V = (1 + 0 + 1 + 0) / 4; the response itself 0
+        assert graded == ["stop"] * 4 and built.extra["boundary_values"] == [0.5, 0.5]
+        assert built.reward == 0.0 and built.extra[TOKEN_ADVANTAGES_KEY] == [0.0, -0.5]
+
+
+class _Pool:
+    """A scoring pool that gives every text its length and records what it graded."""
+
+    def __init__(self):
+        self.graded = []
+
+    def score(self, texts, answers):
+        import types
+
+        self.graded += list(texts)
+        return types.SimpleNamespace(scores=[float(len(t)) for t in texts], metrics={})
+
+
+@pytest.mark.parametrize("train_on_eos", [False, True])
+def test_chain_main_responses_cut_by_length_score_zero_and_stop_tokens_carry_no_gradient(train_on_eos):
+    """The trainer's generation for SPO-chain: a response cut by length is not graded and scores
+    `truncated_reward`; the stop token ending a finished response gets mask 0 (so it is neither
+    trained nor a cut point) unless `train_on_eos`."""
+    from megatron_spo.training.rollouts import Prompt, PromptScorer, Sampling, generate
+
+    class Engine:
+        def generate(self, requests):
+            return [GenerationResult(request=r, completions=[
+                Completion(token_ids=[5, 6, 0], logprobs=[-1.0] * 3, finish_reason="stop", text="ab"),
+                Completion(token_ids=[5, 6, 7], logprobs=[-1.0] * 3, finish_reason="length", text="abc")])
+                for r in requests]
+
+    pool = _Pool()
+    prompts = [Prompt(key=7, raw="q", token_ids=[1], answer="x")]
+    rollout = generate(Engine(), None, PromptScorer(pool, None, ["x"]), prompts, [0], n=2,
+                       sampling=Sampling(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=3), seeds=[0],
+                       truncated_reward=0.0, train_on_stop_token=train_on_eos)
+    assert pool.graded == ["ab"] and rollout.rewards == [2.0, 0.0] and rollout.episode_rewards == [2.0, 0.0]
+    assert rollout.masks == [[1, 1, int(train_on_eos)], [1, 1, 1]]
+    assert chain_cut_points([math.log(0.5)] * 3, interval=1, prob_threshold=0.9,
+                            response_mask=rollout.masks[0]) == ([0, 1, 2] if train_on_eos else [0, 1])

@@ -59,6 +59,19 @@ def test_prepare_segment_batch_masks_high_probability_and_tool_tokens_then_white
     torch.testing.assert_close(advantages, torch.tensor([[-s, 0.0, s, 0.0]]))
 
 
+def test_prepare_segment_batch_leaves_micro_batch_whitening_to_the_objective():
+    """whiten_scope micro_batch: the step's statistics are not used; the advantages stay raw on the
+    masked tokens (`SegmentObjective` whitens each micro-batch, tests/unit/test_objectives.py)."""
+    config = SegmentLossConfig(whiten_scope="micro_batch")
+    advantages, loss_mask = prepare_segment_batch(
+        torch.tensor([[1.0, 5.0, 3.0]]), torch.log(torch.tensor([[0.5, 0.95, 0.2]])), torch.tensor([[1, 1, 1]]),
+        config, reduce_fn=lambda stats: pytest.fail("no step statistics with micro-batch whitening"))
+    assert loss_mask.tolist() == [[True, False, True]]
+    torch.testing.assert_close(advantages, torch.tensor([[1.0, 0.0, 3.0]]))
+    with pytest.raises(ValueError, match="whiten_scope"):
+        SegmentLossConfig(whiten_scope="mini_batch")
+
+
 def test_prepare_segment_batch_without_prob_mask_or_whitening_passes_advantages_through():
     config = SegmentLossConfig(use_prob_mask=False, whiten_advantages=False)
     advantages, loss_mask = prepare_segment_batch(

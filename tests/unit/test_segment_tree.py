@@ -18,6 +18,7 @@ from megatron_spo.testing.digit_task import (
     prompt_for_target,
     target_of_prompt,
 )
+from megatron_spo.training.algorithms.segment_loss import SegmentLossConfig
 from megatron_spo.training.algorithms.segment_tree import (
     SegmentTreeConfig,
     TreeNode,
@@ -59,7 +60,11 @@ def test_hand_built_tree_values_and_edges():
     b1 = got[(4, 5, 6)]
     assert b1.extra[TOKEN_ADVANTAGES_KEY] == pytest.approx([-0.5] * 3)
     assert b1.prompt_token_ids == [100, 101, 2, 3]  # prompt = parent prefix as token ids
-    assert b1.prompt_key == 42 and b1.response_logprobs == [-0.5] * 3 and b1.response_mask == [1, 1, 1]
+    assert b1.prompt_key == 42 and b1.response_logprobs == [-0.5] * 3
+    # b1 finished ("stop"): its last token is the stop token, which the authors never train on
+    assert b1.response_mask == [1, 1, 0]
+    with_eos = tree_edge_samples([root], [[100, 101]], SegmentTreeConfig(loss=SegmentLossConfig(train_on_eos=True)))
+    assert all(s.response_mask == [1] * len(s.response_token_ids) for s in with_eos)
     assert b1.extra["depth"] == 1 and b1.extra["is_leaf"] and b1.reward == 0.0
     assert got[(7,)].extra["parent_value"] == pytest.approx(0.5)
 
@@ -166,6 +171,11 @@ def test_tree_config_defaults_and_strict_loading():
 
     config = SegmentTreeConfig()
     assert config.branching_factors == [6, 6, 6] and config.temperature == 0.6 and config.loss.prob_threshold == 0.9
+    # every edge at once (replay off), truncated leaves graded as the authors' tree does, no EOS gradient
+    assert (config.replay_edges_per_question, config.replay_max_age, config.truncated_reward) == (0, 8, None)
+    assert not config.loss.train_on_eos
+    with pytest.raises(UserError, match="replay_edges_per_question"):
+        from_dict(SegmentTreeConfig, {"replay_edges_per_question": -1})
     loaded = from_dict(SegmentTreeConfig, {"branching_factors": [4, 5, 6], "segment_tokens": 600})
     assert loaded.branching_factors == [4, 5, 6] and loaded.segment_tokens == 600
     with pytest.raises(UserError, match="branching_factors"):

@@ -15,6 +15,9 @@ and old-policy probabilities p_t = pi_old(y_t | x, y_<t) at the sampling tempera
                  R - V(B_{J-1})       for t >= b_{J-1},
                  0                    for t < b_0 (all those tokens are high-probability).
 
+R of a response cut by length (finish reason "length"), and of every continuation cut by length,
+is `truncated_reward` [0, the authors'] rather than its grade. Tokens with response mask 0 (tool
+output, and the stop token ending a response unless `loss.train_on_eos`) are never cut points.
 A response without a low-probability token gets A = 0 everywhere. These raw advantages go to
 `segment_loss.prepare_segment_batch` (probability mask + whitening) and `segment_policy_loss`.
 
@@ -58,20 +61,24 @@ class ScoreFn(Protocol):
 ScoreItem = tuple[int, Sequence[int], FinishReason]
 
 
-def score_all(score_fn: ScoreFn, items: Sequence[ScoreItem]) -> list[float]:
+def score_all(score_fn: ScoreFn, items: Sequence[ScoreItem], *, truncated_reward: float | None = None) -> list[float]:
     """Score many (index, response_token_ids, finish_reason) items at once.
 
     A scorer with a `score_batch(items) -> list[float]` method gets them in one call (the trainer's
     scorer grades a whole engine call's completions in its worker pool); a plain function is
-    called once per item.
+    called once per item. With `truncated_reward` set, an item cut by length (finish reason
+    "length") scores it without being graded (the authors' `unfinished_response_penalty`).
     """
+    graded = [item for item in items if truncated_reward is None or item[2] != "length"]
     batch = getattr(score_fn, "score_batch", None)
     if batch is not None:
-        scores = [float(s) for s in batch(items)]
-        if len(scores) != len(items):
-            raise RuntimeError(f"score_batch returned {len(scores)} scores for {len(items)} items")
-        return scores
-    return [float(score_fn(*item)) for item in items]
+        scores = [float(s) for s in batch(graded)] if graded else []
+        if len(scores) != len(graded):
+            raise RuntimeError(f"score_batch returned {len(scores)} scores for {len(graded)} items")
+    else:
+        scores = [float(score_fn(*item)) for item in graded]
+    it = iter(scores)
+    return [next(it) if truncated_reward is None or item[2] != "length" else float(truncated_reward) for item in items]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -94,8 +101,14 @@ class SegmentChainConfig:
     may add max_response_tokens - b (authors: 1024)."""
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     """Extra token ids ending a continuation (the engine's EOS always does)."""
+    truncated_reward: float | None = 0.0
+    """Reward of a sampled response or a continuation cut by length (finish reason "length"),
+    without grading it; None grades the text like any other. The authors score both 0
+    (`math_episode_generator_with_mc_advantages.py`: `_compute_mc_value`, `_rollout_eval_callback`
+    and the trajectory's `is_unfinished_response` give `unfinished_response_penalty`, 0.0 in every
+    SPO config). None suits a scorer that already scores truncation (the 3-digit test task)."""
     loss: SegmentLossConfig = dataclasses.field(default_factory=SegmentLossConfig)
-    """Probability mask, whitening and PPO-clip / KL settings (prob_threshold 0.9 lives here)."""
+    """Probability mask, whitening, EOS and PPO-clip / KL settings (prob_threshold 0.9 lives here)."""
 
     def __post_init__(self):
         if self.cut_interval < 1:
@@ -205,7 +218,7 @@ def estimate_boundary_values(
         if not result.completions:
             raise RuntimeError(f"engine returned no completions for request {result.request.request_id}")
         items += [(index, prefix + c.token_ids, c.finish_reason) for c in result.completions]
-    scores = iter(score_all(score_fn, items))
+    scores = iter(score_all(score_fn, items, truncated_reward=config.truncated_reward))
     estimates = {}
     for key, result in zip(keys, results):
         rewards = [next(scores) for _ in result.completions]
@@ -226,7 +239,8 @@ def build_chain_samples(
     """Attach SPO-chain advantages to scored responses (see the module docstring).
 
     Returns new `Sample`s (inputs untouched) with extra[TOKEN_ADVANTAGES_KEY] (raw per-token
-    advantages), extra["cut_points"] and extra["boundary_values"].
+    advantages), extra["cut_points"] and extra["boundary_values"]; a sample cut by length gets
+    reward `config.truncated_reward` (when set) in place of its grade.
     """
     if old_logprobs is not None and len(old_logprobs) != len(samples):
         raise ValueError(f"{len(old_logprobs)} old_logprobs rows for {len(samples)} samples")
@@ -258,8 +272,11 @@ def build_chain_samples(
             estimates[tuple(sample.prompt_token_ids) + tuple(sample.response_token_ids[:cut])].value
             for cut in cuts
         ]
-        advantages = chain_token_advantages(len(sample.response_token_ids), cuts, values, sample.reward)
+        reward = sample.reward
+        if config.truncated_reward is not None and sample.finish_reason == "length":
+            reward = config.truncated_reward
+        advantages = chain_token_advantages(len(sample.response_token_ids), cuts, values, reward)
         extra = dict(sample.extra)
         extra.update({TOKEN_ADVANTAGES_KEY: advantages, "cut_points": list(cuts), "boundary_values": values})
-        built.append(dataclasses.replace(sample, extra=extra))
+        built.append(dataclasses.replace(sample, reward=reward, extra=extra))
     return built

@@ -20,6 +20,29 @@ As in the authors' trainer the policy-gradient term is a token mean over the mas
 below at 0 (it is >= 0 analytically) and above at `kl_clamp_max`. Deliberate difference: the
 authors skip a batch whose mean ratio exceeds 10; we leave that to the trainer's own guards.
 
+Whitening scope (`whiten_scope`). The authors whiten inside each training micro-batch: treetune's
+`PPOTrainer._training_step` (`src/treetune/trainers/ppo_trainer.py`, the `masked_whiten(...,
+distributed=True, unbiased_variance=True)` call) runs once per per-device batch of
+`per_device_train_batch_size` sequences (8 in the Rho-1.1B configs), pooling the statistics of that
+micro-batch step over the data-parallel ranks (`trainers/utils.py`, `get_global_statistics_no_move`).
+Ours defaults to the whole step (`"step"`: every masked token of the step on every DP rank, one mean
+and variance), because (1) the advantages then do not depend on `micro_batch_size`, the token budget
+of dynamic batching or the DP layout, as the rest of the objective (`training.objectives`), and (2)
+a micro-batch of 8 probability-masked sequences (SPO-tree: edges of few questions) holds few tokens,
+whose mean and variance are noisy or undefined. `"micro_batch"` reproduces the authors' scope at
+DP = 1 (the paper's single-GPU runs); at DP > 1 each rank whitens its own micro-batch (our
+micro-batches need not line up across ranks, so there is no per-micro-batch collective). With fewer
+than two masked tokens whitening only centres (the authors' variance would divide by zero), and a
+micro-batch without masked tokens is left as is (the authors fall back to the response mask there,
+but such a micro-batch carries no gradient either way).
+
+EOS (`train_on_eos`): the authors re-tokenise the response *text* (vLLM's text omits the stop
+token) and the EOS append in `_tokenize_trajectory` is commented out
+(`src/treetune/episode_generators/episode_generator_with_reward_function.py`), so the stop token
+never carries gradient. Our engines return it with the response; with `train_on_eos: false` (the
+default) the sample builders give the stop token that ended a response (finish reason "stop")
+response mask 0, so it carries no gradient, enters no whitening statistics and is never a cut point.
+
 Interface (all tensors (B, T) over response tokens, right-padded, response_mask 0 on pad):
 
     advantages, loss_mask = prepare_segment_batch(token_advantages, old_logprobs, response_mask,
@@ -28,18 +51,22 @@ Interface (all tensors (B, T) over response tokens, right-padded, response_mask 
                               ref_logprobs=ref_logprobs_or_None)
     out.loss.backward()
 
-`reduce_fn` sums a small statistics tensor over data-parallel ranks so the whitening uses the
-global batch (the authors whiten with global statistics); pass None on one rank. The trainer
-(`training.objectives.SegmentObjective`) sums `segment_loss_terms` itself, so its token mean runs
-over the whole mini-batch across micro-batches and ranks.
+`reduce_fn` sums a small statistics tensor over data-parallel ranks so the step-scope whitening
+uses the whole step's tokens; pass None on one rank. With `whiten_scope: micro_batch`,
+`prepare_segment_batch` leaves the advantages raw and `training.objectives.SegmentObjective`
+whitens each micro-batch. The trainer (`SegmentObjective`) sums `segment_loss_terms` itself, so
+its token mean runs over the whole mini-batch across micro-batches and ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
+
+
+WhitenScope = Literal["step", "micro_batch"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -52,7 +79,12 @@ class SegmentLossConfig:
     use_prob_mask: bool = True
     """Apply the probability mask to the loss and the whitening statistics (authors: true)."""
     whiten_advantages: bool = True
-    """Normalise advantages to zero mean / unit variance over the masked tokens of the batch."""
+    """Normalise advantages to zero mean / unit variance over the masked tokens (authors: true)."""
+    whiten_scope: WhitenScope = "step"
+    """Which masked tokens share one mean and variance: "step" (all of the step's, over every DP
+    rank; the default, see the module docstring for why) or "micro_batch" (each training
+    micro-batch's, the authors' scope at DP = 1; the update then depends on `batch.micro_batch_size`
+    / `max_tokens_per_micro_batch`, as theirs does on `per_device_train_batch_size`)."""
     whiten_eps: float = 1e-8
     """Added to the variance before the square root (authors' value)."""
     clip_ratio: float = 0.2
@@ -64,6 +96,10 @@ class SegmentLossConfig:
     """Coefficient of the k3 KL(pi_theta || pi_ref) loss; 0 disables it (authors: 1e-4)."""
     kl_clamp_max: float = 10000.0
     """Upper clamp of the per-token k3 estimate, in nats (authors' value; effectively off)."""
+    train_on_eos: bool = False
+    """Whether the stop token (EOS or a `stop_token_ids` id) that ended a response carries
+    gradient. The authors never train on it (module docstring); true restores the plain PPO
+    habit of training every generated token."""
 
     def __post_init__(self):
         if not 0.0 < self.prob_threshold <= 1.0:
@@ -74,6 +110,8 @@ class SegmentLossConfig:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.whiten_eps < 0 or self.log_ratio_clamp <= 0:
             raise ValueError("whiten_eps must be >= 0 and log_ratio_clamp > 0")
+        if self.whiten_scope not in get_args(WhitenScope):
+            raise ValueError(f"whiten_scope must be one of {get_args(WhitenScope)}, got {self.whiten_scope!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -135,13 +173,15 @@ def prepare_segment_batch(
     Args: token_advantages (B, T) raw per-token advantages (from `Sample.extra`); old_logprobs
     (B, T) log pi_old of the response tokens at the sampling temperature; response_mask (B, T)
     1 on model tokens, 0 on padding and tool output.
-    Returns (advantages (B, T), loss_mask (B, T) bool).
+    Returns (advantages (B, T), loss_mask (B, T) bool); the advantages are whitened over the whole
+    batch (and `reduce_fn`'s ranks) with `whiten_scope: step`, raw with `micro_batch` (the
+    objective whitens each micro-batch then).
     """
     loss_mask = response_mask.bool()
     if config.use_prob_mask:
         loss_mask = loss_mask & probability_mask(old_logprobs, config.prob_threshold)
     advantages = token_advantages.to(old_logprobs.dtype)
-    if config.whiten_advantages:
+    if config.whiten_advantages and config.whiten_scope == "step":
         advantages = whiten_masked(advantages, loss_mask, eps=config.whiten_eps, reduce_fn=reduce_fn)
     return advantages * loss_mask, loss_mask
 

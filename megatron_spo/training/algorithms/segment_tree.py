@@ -8,11 +8,12 @@ factors k_0..k_{L-1} and segment length M:
     level L-1:     every open node samples k_{L-1} children that may run to the response budget;
     a child that finished (stop token), or reached the response budget, or sits at the last
     level, is a leaf with its reward R; a child cut by length earlier is expanded at level d+1.
-    V(leaf) = R,   V(node) = mean of V(children)
+    V(leaf) = R (a leaf cut by length: truncated_reward, when set),   V(node) = mean of V(children)
     every edge (parent -> child) is a training sample:
         prompt = x + parent's response prefix (token ids), response = the child's segment,
         A = V(child) - V(parent)   (the same for every token of the segment);
-    edges with |A| <= zero_advantage_tolerance are dropped (they carry no signal).
+    edges with |A| <= zero_advantage_tolerance are dropped (they carry no signal);
+    the stop token ending a finished leaf's segment has response mask 0 unless loss.train_on_eos.
 
 The tree grows level by level: one `engine.generate` call per level holds every open node of
 every prompt (request n = k_d), so the engine stays full. The segment samples then go through
@@ -68,8 +69,20 @@ class SegmentTreeConfig:
     zero_advantage_tolerance: float = 1e-9
     """Edges with |A| at most this are dropped; a tolerance, not 0, because means of equal
     rewards can differ in the last bit."""
+    truncated_reward: float | None = None
+    """Reward of a leaf cut by length (the response budget ran out), without grading it; None
+    grades its text, as the authors' tree does (`hybrid_inference_strategy.py`, `_construct_tree`:
+    a last-level child cut by length is graded; deliberate difference: they grade that segment's
+    text alone, we the whole response). 0.0 scores it as SPO-chain does."""
+    replay_edges_per_question: int = 0
+    """0: every edge of the step trains at once. N > 0: the authors' edge replay
+    (`hybrid_episode_generator.py`, `OnPolicyReplayBuffer`, N = 32 there): a step trains at most N
+    edges per question, drawn at random from the question's new and buffered edges; the rest wait
+    in a per-rank buffer with the old log-probs of the step that sampled them."""
+    replay_max_age: int = 8
+    """Buffered edges sampled this many steps ago or more are dropped (authors: 8)."""
     loss: SegmentLossConfig = dataclasses.field(default_factory=SegmentLossConfig)
-    """Probability mask, whitening and PPO-clip / KL settings, shared with SPO-chain."""
+    """Probability mask, whitening, EOS and PPO-clip / KL settings, shared with SPO-chain."""
 
     def __post_init__(self):
         if not self.branching_factors or any(k < 1 for k in self.branching_factors):
@@ -78,6 +91,8 @@ class SegmentTreeConfig:
             raise ValueError("segment_tokens and max_response_tokens must be >= 1")
         if self.zero_advantage_tolerance < 0:
             raise ValueError("zero_advantage_tolerance must be >= 0")
+        if self.replay_edges_per_question < 0 or self.replay_max_age < 1:
+            raise ValueError("replay_edges_per_question must be >= 0 and replay_max_age >= 1")
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -170,7 +185,7 @@ def expand_trees(
                 else:
                     leaves.append(child)
         rewards = score_all(score_fn, [(leaf.prompt_index, leaf.response_token_ids, leaf.finish_reason)
-                                       for leaf in leaves])
+                                       for leaf in leaves], truncated_reward=config.truncated_reward)
         for leaf, reward in zip(leaves, rewards):
             leaf.reward = reward
         open_nodes = next_open
@@ -206,13 +221,16 @@ def tree_edge_samples(
             advantage = child.value - parent.value
             if abs(advantage) > config.zero_advantage_tolerance:
                 index = child.prompt_index
+                mask = [1] * len(child.segment_token_ids)
+                if child.finish_reason == "stop" and mask and not config.loss.train_on_eos:
+                    mask[-1] = 0  # the EOS / stop token ending the response carries no gradient
                 samples.append(
                     Sample(
                         prompt_key=index if prompt_keys is None else prompt_keys[index],
                         prompt_token_ids=list(prompt_token_ids[index]) + parent.response_token_ids,
                         response_token_ids=list(child.segment_token_ids),
                         response_logprobs=list(child.segment_logprobs),
-                        response_mask=[1] * len(child.segment_token_ids),
+                        response_mask=mask,
                         reward=child.value,
                         finish_reason=child.finish_reason,
                         extra={

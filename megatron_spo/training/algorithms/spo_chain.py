@@ -2,14 +2,14 @@
 
 Each response is cut at probability-guided points; K continuations from each cut point's token
 prefix give Monte-Carlo values of the boundaries, hence one advantage per segment
-(`segment_chain`). The continuations need the actor's old log-probs (the cut points are where the
-old policy was unsure), so they run after the old-policy pass, on the rollout group that generated
-the prompt. Training: the probability mask, whitening and PPO-clip of `segment_loss`.
+(`segment_chain`); responses and continuations cut by length score `truncated_reward` (the
+authors' 0), and the stop token ending a response carries no gradient (`loss.train_on_eos`).
+The continuations need the actor's old log-probs (the cut points are where the old policy was
+unsure), so they run after the old-policy pass, on the rollout group that generated the prompt.
+Training: the probability mask, whitening and PPO-clip of `segment_loss`.
 """
 
 from __future__ import annotations
-
-import torch
 
 from megatron_spo.training.algorithms.base import Algorithm, AlgorithmSetup
 from megatron_spo.training.batch import pad_right, per_token
@@ -32,7 +32,8 @@ class SegmentAlgorithm(Algorithm):
                                           tp_group=tp_group)
 
     def prepare(self, ctx, rollout, batch, old):
-        """Whitened advantages on the probability-masked tokens; only those carry gradient."""
+        """Advantages on the probability-masked tokens, whitened over the step (or raw, for the
+        objective to whiten each micro-batch: `loss.whiten_scope`); only those tokens carry gradient."""
         from megatron_spo.training.algorithms.segment_loss import prepare_segment_batch
 
         raw = per_token(rollout.contexts, rollout.token_advantages, old)
@@ -52,6 +53,18 @@ class SPOChain(SegmentAlgorithm):
     @classmethod
     def from_config(cls, cfg, setup: AlgorithmSetup) -> SPOChain:
         return cls(cfg.algorithm.spo_chain, rollout=cfg.rollout, batch=cfg.batch, tp_group=setup.tp_group)
+
+    def generate(self, ctx, batch):
+        """`n` scored responses to each prompt, as every algorithm's, but scored and masked as the
+        authors': a response cut by length gets `truncated_reward`, its stop token no gradient
+        unless `loss.train_on_eos` (`segment_chain`, `segment_loss`)."""
+        from megatron_spo.training import rollouts
+
+        seeds = ctx.seeds(len(batch))
+        scorer = rollouts.PromptScorer(ctx.scorer, ctx.tokenizer, [p.answer for p in batch])
+        return ctx.distributed_rollout(len(batch), lambda mine: rollouts.generate(
+            ctx.engine, ctx.tokenizer, scorer, batch, mine, n=self.n, sampling=self.sampling, seeds=seeds,
+            truncated_reward=self.config.truncated_reward, train_on_stop_token=self.config.loss.train_on_eos))
 
     def after_old_logprobs(self, ctx, rollout, old, batch_size):
         """Per-token segment advantages of this DP rank's sequences from K continuations at each
