@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from megatron_spo.errors import UserError
+
 
 @contextlib.contextmanager
 def open_for_write(path: str | Path) -> Iterator[BinaryIO]:
@@ -91,3 +93,23 @@ def atomic_dir(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_location(path: str | Path, what: str, *, kind: str = "file") -> Path:
+    """UserError unless an output of `kind` ("file" or "dir") can be written at `path`: the path
+    is not taken by the other kind, no parent is a file, and the nearest existing ancestor is a
+    writable directory. For the checks a command makes before any work, so a bad output location
+    costs a second, not a finished run. `what` names the flag or key in the message."""
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise UserError(f"{what}: {path} is a directory; give the path of a file to write")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise UserError(f"{what}: {path} is a file; give the path of a directory to write")
+    ancestor = path if kind == "dir" and path.is_dir() else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what}: cannot write {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: cannot write {path}: {ancestor} is not writable (read-only or permission denied)")
+    return path

@@ -261,7 +261,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                        "is it a YAML file?") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"config file {str(path)!r} is not valid YAML: {err}".replace("\n", " ")) from None
     if data is None:

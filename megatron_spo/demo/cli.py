@@ -79,7 +79,10 @@ def _spo_config(sft_dir: Path, train: Path, val: Path, offline_file: Path, run_d
         "seed": 0,
         "total_steps": settings.rl_steps,
         "algorithm": {"name": "spo", "spo": {"gen_batch_size": 256, "offline_values": str(offline_file)}},
-        "rollout": {"engine": {"name": engine}, "max_response_tokens": 48},
+        "rollout": {"engine": {"name": engine}, "max_response_tokens": 48,
+                    # the process pool (the default): a reward that hangs or crashes costs a worker, not
+                    # the run; one worker per rank, as the ranks already take the CPU cores
+                    "reward": {"workers": 1}},
         "batch": {"train_batch_size": 64, "mini_batch_size": 32, "micro_batch_size": 32},
         "optimizer": {"lr": settings.rl_lr, "weight_decay": 0.0},
         "checkpoint": {"every_steps": max(1, settings.rl_steps // 2), "keep_last": 1},
@@ -100,11 +103,23 @@ def _fresh_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def plots_available() -> bool:
+    """Whether matplotlib, which only the last stage's plots need, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> dict:
     from megatron_spo.demo.assets import build_demo_assets
     from megatron_spo.demo.task import write_jsonl
 
     started = time.perf_counter()
+    atomic.check_output_location(out_dir, "--out", kind="dir")
+    plots = plots_available()  # known before the first stage, not found missing at the last
+    if not plots:
+        print("note: matplotlib is not installed, so the demo draws no plots (pip install "
+              "'megatron-spo[observe]' for them); every other stage runs", flush=True)
     out_dir = _fresh_out_dir(Path(out_dir))
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -132,7 +147,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     estimate_dir = out_dir / "offline" / "estimate_0"
     _run([sys.executable, "-m", "megatron_spo", "values", "estimate", "--data", str(offline_subset), "--model", str(sft_dir),
           "-n", str(settings.offline_n), "--output-dir", str(estimate_dir), "--engine", engine, "temperature=1.0",
-          "top_p=1.0", "top_k=-1", "max_response_tokens=48"], logs / "estimate.log", env)
+          "top_p=1.0", "top_k=-1", "max_response_tokens=48", "reward.workers=1"], logs / "estimate.log", env)
     offline_file = out_dir / "offline" / "offline_values.json"
     _run([sys.executable, "-m", "megatron_spo", "values", "merge", "--input-dir", str(out_dir / "offline"),
           "--output-file", str(offline_file), "--pattern", "estimate_*/validation_data/*.jsonl"], logs / "merge.log", env)
@@ -150,9 +165,10 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
           "-m", "megatron_spo", "train", "--config", str(config_path), "checkpoint.resume=never"],
          logs / "train.log", env)
 
-    print("[6/6] held-out accuracy after RL, plots", flush=True)
+    print("[6/6] held-out accuracy after RL" + (", plots" if plots else ""), flush=True)
     after = _eval(run_dir / "hf", val, out_dir / "eval_after.json", settings, logs, env, "eval_after")
-    _run([sys.executable, "-m", "megatron_spo", "plot", str(run_dir)], logs / "plot.log", env)
+    if plots:
+        _run([sys.executable, "-m", "megatron_spo", "plot", str(run_dir)], logs / "plot.log", env)
 
     summary = {
         "accuracy_before": before["overall"]["accuracy"],
@@ -165,6 +181,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
         "settings": dataclasses.asdict(settings),
         "model_after": str(run_dir / "hf"),
         "metrics": str(run_dir / "metrics.jsonl"),
+        "plots": str(run_dir / "plots" / "curves.png") if plots else None,
     }
     atomic.write_json(out_dir / "summary.json", summary)
     return summary
@@ -181,5 +198,5 @@ def main(argv: list[str]) -> int:
     gain = summary["accuracy_after"] - summary["accuracy_before"]
     print(f"\nheld-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
           f"({gain * 100:+.1f} points), {summary['wall_seconds']:.0f}s, engine {summary['engine']}")
-    print(f"summary: {args.out / 'summary.json'}   curves: {args.out / 'run' / 'plots' / 'curves.png'}")
+    print(f"summary: {args.out / 'summary.json'}   curves: {summary['plots'] or 'none (no matplotlib)'}")
     return 0

@@ -532,7 +532,8 @@ class SafetensorsReader:
     def __init__(self, hf_dir: str | Path):
         self.hf_dir = Path(hf_dir)
         if not self.hf_dir.is_dir():
-            raise UserError(f"model directory {hf_dir} does not exist")
+            raise UserError(f"model directory {hf_dir} " + ("is a file, not a directory" if Path(hf_dir).exists()
+                                                             else "does not exist"))
         index = self.hf_dir / "model.safetensors.index.json"
         single = self.hf_dir / "model.safetensors"
         if index.is_file():

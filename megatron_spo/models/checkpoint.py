@@ -39,6 +39,9 @@ HF_SUBDIR = "hf"
 # Files of an HF model directory that are not weights: carried over on conversion.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+RUN_RECORD_FILES = ("sft_metrics.jsonl", "sft_config.yaml")
+"""Files `megatron-spo sft` writes beside the model in its output: records of that run, not part
+of the model, so a model started from it does not inherit them."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,7 +61,8 @@ def copy_hf_side_files(src_dir: str | Path, dst_dir: str | Path) -> None:
     dst_dir = Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
     for path in Path(src_dir).iterdir():
-        if not path.is_file() or path.name in WEIGHT_INDEXES or path.name.endswith(WEIGHT_SUFFIXES):
+        if (not path.is_file() or path.name in WEIGHT_INDEXES or path.name in RUN_RECORD_FILES
+                or path.name.endswith(WEIGHT_SUFFIXES)):
             continue
         shutil.copy2(path, dst_dir / path.name)
 
@@ -358,17 +362,31 @@ def save_hf_checkpoint(
     if out_dir.exists() and not overwrite:
         raise UserError(f"output {out_dir} already exists (pass --overwrite to replace it)")
     with atomic.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = HFShardWriter(tmp, max_shard_bytes=max_shard_bytes)
-        for name, tensor in named_tensors:
-            writer.add(name, tensor)
-        writer.close()
-        copy_hf_side_files(hf_side_dir, tmp)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["dtype"] = dtype_name(dtype)
-        config.pop("torch_dtype", None)
-        atomic.write_json(config_path, config)
+        write_hf_files(named_tensors, tmp, hf_side_dir=hf_side_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return out_dir
+
+
+def write_hf_files(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: str | Path,
+    *,
+    hf_side_dir: str | Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
+    """Write the weights, config and tokenizer of an HF model into existing `directory` (not
+    atomic by itself: for a caller that builds a larger output in a staging directory)."""
+    directory = Path(directory)
+    writer = HFShardWriter(directory, max_shard_bytes=max_shard_bytes)
+    for name, tensor in named_tensors:
+        writer.add(name, tensor)
+    writer.close()
+    copy_hf_side_files(hf_side_dir, directory)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = dtype_name(dtype)
+    config.pop("torch_dtype", None)
+    atomic.write_json(config_path, config)
 
 
 def is_mcore_checkpoint(path: str | Path) -> bool:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 
 
@@ -67,8 +68,12 @@ def main(argv: list[str]) -> int:
     from megatron_spo.models.hf_config import load_model_spec
 
     source = args.hf_dir if args.direction == "hf-to-mcore" else args.ckpt
+    for flag, size in (("--tp", args.tp), ("--pp", args.pp)):
+        if size < 1:
+            raise UserError(f"{flag} must be >= 1, got {size}")
     if args.out.exists() and not args.overwrite:
         raise UserError(f"output {args.out} already exists (pass --overwrite to replace it)")
+    atomic.check_output_location(args.out, "--out", kind="dir")
     # validate everything cheap before any process group or output exists
     if args.direction == "mcore-to-hf":
         ckpt.read_checkpoint_meta(source)

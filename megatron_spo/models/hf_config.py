@@ -76,7 +76,8 @@ class ModelSpec:
 def read_config_json(hf_dir: str | Path) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not Path(hf_dir).is_dir():
-        raise UserError(f"model directory {hf_dir} does not exist")
+        raise UserError(f"model directory {hf_dir} " + ("is a file, not a directory" if Path(hf_dir).exists()
+                                                             else "does not exist"))
     if not path.is_file():
         raise UserError(f"{path} is missing: {hf_dir} is not a Hugging Face model directory")
     try:

@@ -93,6 +93,9 @@ class EstimateConfig:
     answer_key: str | None = None
     """Record field holding the ground truth (dots reach into dicts); None tries
     reward_model.ground_truth, ground_truth, answer, solution."""
+    overwrite: bool = False
+    """Replace the results of an earlier estimate in `output_dir`; off, such a directory is
+    refused before any sampling (`overwrite=true` on the command line)."""
 
     def __post_init__(self):
         check_sampling_settings(self)
@@ -112,6 +115,7 @@ class EstimateConfig:
 def run(config: EstimateConfig) -> dict[str, Any]:
     """Run the estimate; rank 0 writes the files and returns the summary (other ranks: {})."""
     started = time.perf_counter()
+    check_output_dir(config)
     rank, world = init_ranks()
     records = load_records(config.data)
     if not records:
@@ -160,6 +164,20 @@ def run(config: EstimateConfig) -> dict[str, Any]:
     }
     atomic.write_json(out_dir / "estimate_summary.json", summary)
     return summary
+
+
+RESULT_FILES = ("validation_data/0.jsonl", "estimate_summary.json")
+"""What an estimate writes under its output directory."""
+
+
+def check_output_dir(config: EstimateConfig) -> None:
+    """UserError, before any work, when `output_dir` cannot be written or already holds an
+    estimate's results and `overwrite` is off."""
+    out_dir = atomic.check_output_location(config.output_dir, "output_dir", kind="dir")
+    existing = [name for name in RESULT_FILES if (out_dir / name).exists()]
+    if existing and not config.overwrite:
+        raise UserError(f"output_dir: {out_dir} already holds the results of an estimate ({', '.join(existing)}); "
+                        "give another --output-dir, or set overwrite=true to replace them")
 
 
 def _response_rows(graded: GradedPrompt, records: list[dict[str, Any]], prompt_field: str, answer_field: str,

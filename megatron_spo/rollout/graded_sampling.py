@@ -37,11 +37,18 @@ class SamplingSettings(Protocol):
 
 def check_sampling_settings(settings: SamplingSettings, prefix: str = "") -> None:
     """UserError unless n, max_response_tokens and prompts_per_call are all >= 1 or None (a value
-    filled in later: train's `eval.max_response_tokens`); `prefix` starts the message ("eval ")."""
+    filled in later: train's `eval.max_response_tokens`), temperature >= 0, top_p in (0, 1] and
+    top_k >= -1 (-1 and 0 turn it off); `prefix` starts the message ("eval ")."""
     for name in ("n", "max_response_tokens", "prompts_per_call"):
         value = getattr(settings, name)
         if value is not None and value < 1:
             raise UserError(f"{prefix}{name} must be >= 1, got {value}")
+    if not settings.temperature >= 0:  # NaN too
+        raise UserError(f"{prefix}temperature must be >= 0, got {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise UserError(f"{prefix}top_p must be in (0, 1], got {settings.top_p}")
+    if settings.top_k < -1:
+        raise UserError(f"{prefix}top_k must be -1 or 0 (off) or >= 1, got {settings.top_k}")
 
 
 def prompt_sampling(settings: SamplingSettings, prompt_index: int, seed: int = 0) -> SamplingParams:

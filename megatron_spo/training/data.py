@@ -12,17 +12,15 @@ def load_prompts(files: list[str], prompt_key: str, answer_key: str, tokenizer, 
     """Every record of `files` as a Prompt (skipping over-long ones); returns (prompts, skipped).
 
     Keys may be dotted (`reward_model.ground_truth`); a prompt's value-store identity is its last
-    user message, as `megatron-spo values estimate` keys its offline values."""
+    user message, as `megatron-spo values estimate` keys its offline values. A record whose prompt
+    or answer is missing, null or empty is refused with one line naming the file and record; a
+    repeated prompt (in one file or across files) is dropped when its answer is the same (`train`
+    prints how many before it starts) and refused when it differs (`records.load_prompt_records`)."""
     from megatron_spo.rollout.prompts import build_prompts
-    from megatron_spo.rollout.records import field, load_records, raw_user_prompt
+    from megatron_spo.rollout.records import field, load_prompt_records, raw_user_prompt
     from megatron_spo.value import prompt_key as key_of
 
-    records = []
-    for path in files:
-        for i, record in enumerate(load_records(path)):
-            if field(record, prompt_key) is None or field(record, answer_key) is None:
-                raise UserError(f"{path}: record {i} has no {prompt_key!r} or {answer_key!r} key (has {sorted(record)})")
-            records.append(record)
+    records, _ = load_prompt_records(files, prompt_key, answer_key)
     if not records:
         raise UserError(f"no records in {', '.join(files)}")
     raws = [raw_user_prompt(field(r, prompt_key)) for r in records]

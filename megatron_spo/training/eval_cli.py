@@ -72,7 +72,7 @@ class EvalCommandConfig(EvalConfig):
 def main(argv: list[str]) -> int:
     from megatron_spo.rollout.engine import make_engine
     from megatron_spo.rollout.placement import RolloutPlacement
-    from megatron_spo.rollout.records import init_ranks, load_records
+    from megatron_spo.rollout.records import init_ranks, load_records, prompt_and_answer_fields
 
     refuse_old_flags(argv)
     parser = build_parser(
@@ -82,6 +82,8 @@ def main(argv: list[str]) -> int:
                 "engine.dtype=bfloat16 reward.thinking=true --out runs/spo/eval_aime24.json",
     )
     config = load_command_config(EvalCommandConfig, parser.parse_intermixed_args(argv), out_key="out")
+    if config.out:  # before the evaluation, not after it
+        atomic.check_output_location(config.out, "out")
     # progress lines from megatron-spo only: Megatron's import-time INFO chatter is noise here
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron_spo").setLevel(logging.INFO)
@@ -89,6 +91,7 @@ def main(argv: list[str]) -> int:
     records = load_records(config.data)  # before the engine: a bad file fails in a second
     if not records:
         raise UserError(f"data: {config.data} holds no records")
+    prompt_and_answer_fields(records, config.prompt_key, config.answer_key, config.data)  # and a bad record
     rank, world = init_ranks()
     rollout_tp = config.engine.tensor_parallel_size if config.engine.name == "vllm" else 1
     RolloutPlacement.build(world, rollout_tp, key="engine.tensor_parallel_size")  # a bad size before the engine

@@ -33,10 +33,16 @@ def load_run(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         raise UserError(f"{run_dir}: no {METRICS_FILE} (is this a run directory?)")
     try:
         records = read_metrics(path)
-    except ValueError as err:
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); is it a metrics file?") from None
+    except ValueError as err:  # read_metrics names the file and line
         raise UserError(str(err)) from None
     if not records:
         raise UserError(f"{path} holds no records yet")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}: record {number} is not a metrics record (a JSON object with an integer "
+                            f"'step'): {str(record)[:80]}")
     return records
 
 
@@ -133,6 +139,7 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     out = args.out or str(Path(args.run_dirs[0]) / "plots")
+    atomic.check_output_location(out, "--out", kind="dir")
     extra = [k for k in args.keys.split(",") if k]
     print(plot_runs(args.run_dirs, out, extra))
     return 0

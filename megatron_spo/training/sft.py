@@ -17,14 +17,17 @@ loss; causal attention keeps it from touching real tokens). The actor sums token
 micro-batches and DP ranks and divides once by the global token count, so a step is the same
 computation at any DP size.
 
-Outputs: the trained model as a Hugging Face directory (exported through the weight bridge and
-written atomically), one JSON line of metrics per step on rank 0 (`metrics_file`, by default
-`sft_metrics.jsonl` beside the output directory) and the effective config (`sft_config.yaml`
-beside it).
+Outputs, all inside the output directory `out`, which appears complete or not at all: the trained
+model as a Hugging Face directory (exported through the weight bridge), one JSON line of metrics
+per step from rank 0 (`sft_metrics.jsonl`, or `metrics_file` when set) and the effective config
+(`sft_config.yaml`). Until the last step they are built in a hidden sibling (`.<out>.tmp-*`, its
+path printed at the start) that is renamed to `out` at the end, so two runs that share a parent
+directory never write each other's files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,6 +39,7 @@ from typing import Any, ClassVar, Literal, Sequence
 import numpy as np
 import torch
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.prompts import load_tokenizer  # noqa: F401  (re-exported for the CLI)
 from megatron_spo.rollout.prompts import PromptConfig, build_prompts
@@ -108,9 +112,10 @@ class SFTConfig:
     log_every: int = 1
     """Print a metrics line on rank 0 every this many steps (every step is written to the file)."""
     metrics_file: str | None = None
-    """Per-step metrics (JSON lines); None = `sft_metrics.jsonl` beside `out`."""
+    """Per-step metrics (JSON lines); None = `out/sft_metrics.jsonl` (written in the hidden
+    staging directory until the run ends, then renamed with it)."""
     overwrite: bool = False
-    """Replace an existing `out` (and metrics file)."""
+    """Replace an existing `out`."""
 
     def __post_init__(self):
         if not self.data_files:
@@ -128,7 +133,8 @@ class SFTConfig:
 
     @property
     def metrics_path(self) -> Path:
-        return Path(self.metrics_file) if self.metrics_file else Path(self.out).parent / "sft_metrics.jsonl"
+        """Where the metrics are once the run has finished."""
+        return Path(self.metrics_file) if self.metrics_file else Path(self.out) / "sft_metrics.jsonl"
 
 
 # ----------------------------------------------------------------------------- data
@@ -184,6 +190,8 @@ def encode_example(
 
 def build_dataset(config: SFTConfig, tokenizer) -> SFTDataset:
     """Read every file, build prompts as RL does, append response + EOS; refuse bad records."""
+    from megatron_spo.rollout.records import check_prompt_and_answer
+
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of {config.model} has no eos token; SFT needs one to end responses")
     prompts, responses, origins = [], [], []
@@ -192,6 +200,7 @@ def build_dataset(config: SFTConfig, tokenizer) -> SFTDataset:
             for key in (config.prompt_key, config.response_key):
                 if key not in record:
                     raise UserError(f"{path}: record {index} has no key {key!r} (keys: {', '.join(map(str, record))})")
+            check_prompt_and_answer(record, config.prompt_key, config.response_key, path, index)  # null, empty
             if not isinstance(record[config.response_key], str):
                 raise UserError(f"{path}: record {index}: {config.response_key!r} must be a string, "
                                 f"got {type(record[config.response_key]).__name__}")
@@ -343,6 +352,40 @@ def _train_one_step(actor, dataset: SFTDataset, config: SFTConfig, parallel, ste
     }
 
 
+def _train(actor, dataset: SFTDataset, config: SFTConfig, parallel, steps: int, pad_id: int,
+           staging: Path | None) -> tuple[list[dict[str, Any]], float]:
+    """The training steps; rank 0 (`staging` set: the output being built) writes the config and a
+    metrics line per step there (or to `metrics_file`). Returns (metrics history, seconds)."""
+    from megatron_spo.config import save_config
+
+    metrics_file = None
+    if staging is not None:
+        save_config(config, staging / "sft_config.yaml")
+        metrics_path = Path(config.metrics_file) if config.metrics_file else staging / "sft_metrics.jsonl"
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(metrics_path, "w")
+        print(f"sft: {len(dataset.examples)} examples ({dataset.skipped} skipped, {dataset.truncated} truncated "
+              f"of {dataset.num_records}), {steps} steps of {config.global_batch_size}, "
+              f"TP={parallel.tp} PP={parallel.pp} DP={parallel.dp}; metrics in {metrics_path}"
+              + ("" if config.metrics_file else f" until the end, then {config.metrics_path}"), flush=True)
+    history: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        for step in range(steps):
+            record = _train_one_step(actor, dataset, config, parallel, step, pad_id)
+            history.append(record)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if (step + 1) % config.log_every == 0 or step + 1 == steps:
+                    print(f"sft step {step + 1}/{steps}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
+                          f"lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s", flush=True)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    return history, time.perf_counter() - start
+
+
 def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> dict[str, Any]:
     """Train `config.model` on the supervised pairs and write the result to `config.out`.
 
@@ -352,8 +395,7 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
     (on every rank) a summary: steps, examples, loss history, timing and where the outputs are.
     """
     from megatron_spo import platform
-    from megatron_spo.config import save_config
-    from megatron_spo.models.checkpoint import hf_side_dir_of, load_pretrained, parse_dtype, save_hf_checkpoint
+    from megatron_spo.models.checkpoint import hf_side_dir_of, load_pretrained, parse_dtype, write_hf_files
     from megatron_spo.training.actor import Actor
 
     _check_layout(config, parallel)
@@ -371,36 +413,17 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
     spec, chunks, bridge = load_pretrained(config.model, parallel, dtype=dtype, seed=config.seed)
     actor = Actor(spec, chunks, bridge, parallel, config.optimizer, total_steps=steps)
 
-    metrics_path = config.metrics_path
-    metrics_file = None
-    if is_main:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        save_config(config, metrics_path.parent / "sft_config.yaml")
-        metrics_file = open(metrics_path, "w")
-        print(f"sft: {len(dataset.examples)} examples ({dataset.skipped} skipped, {dataset.truncated} truncated "
-              f"of {dataset.num_records}), {steps} steps of {config.global_batch_size}, "
-              f"TP={parallel.tp} PP={parallel.pp} DP={parallel.dp}", flush=True)
-    history: list[dict[str, float]] = []
-    start = time.perf_counter()
-    try:
-        for step in range(steps):
-            record = _train_one_step(actor, dataset, config, parallel, step, pad_id)
-            history.append(record)
-            if is_main:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if (step + 1) % config.log_every == 0 or step + 1 == steps:
-                    print(f"sft step {step + 1}/{steps}  loss {record['loss']:.4f}  grad_norm {record['grad_norm']:.3f}  "
-                          f"lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s", flush=True)
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-    train_seconds = time.perf_counter() - start
-
-    save_hf_checkpoint(
-        actor.export_hf(dtype=dtype), config.out, hf_side_dir=side_dir, dtype=dtype, write=is_main,
-        overwrite=config.overwrite,
-    )
+    with contextlib.ExitStack() as stack:
+        # rank 0 builds the whole output (model, metrics, config) in a hidden sibling of `out`,
+        # renamed to `out` when the model is written; a failure leaves no `out` behind
+        staging = stack.enter_context(atomic.atomic_dir(config.out, overwrite=config.overwrite)) if is_main else None
+        history, train_seconds = _train(actor, dataset, config, parallel, steps, pad_id, staging)
+        export = actor.export_hf(dtype=dtype)
+        if is_main:
+            write_hf_files(export, staging, hf_side_dir=side_dir, dtype=dtype)
+        else:
+            for _ in export:  # the export is collective: every rank drains it
+                pass
     if parallel.world_size > 1:
         torch.distributed.barrier()  # the output exists for every rank once this returns
     if is_main:
@@ -408,7 +431,7 @@ def run_sft(config: SFTConfig, parallel, dataset: SFTDataset | None = None) -> d
               f"(loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f})", file=sys.stderr, flush=True)
     return {
         "out": str(config.out),
-        "metrics_file": str(metrics_path),
+        "metrics_file": str(config.metrics_path),
         "steps": steps,
         "examples": len(dataset.examples),
         "skipped": dataset.skipped,

@@ -56,18 +56,21 @@ def load_sft_config(args: argparse.Namespace):
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may sit before, between or after the flags
     if args.config is None and None in (args.model, args.data, args.out):
         raise UserError("give --config FILE.yaml, or all of --model, --data and --out")
     config = load_sft_config(args)
     import torch
 
-    from megatron_spo import platform
+    from megatron_spo import atomic, platform
     from megatron_spo.models.checkpoint import hf_side_dir_of
     from megatron_spo.training.sft import build_dataset, check_inputs, load_tokenizer, run_sft
 
     # Everything a user can get wrong is checked before process groups or outputs exist.
     check_inputs(config)
+    atomic.check_output_location(config.out, "out", kind="dir")
+    if config.metrics_file:
+        atomic.check_output_location(config.metrics_file, "metrics_file")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size % (config.tp * config.pp) or config.global_batch_size % (world_size // (config.tp * config.pp)):
         raise UserError(

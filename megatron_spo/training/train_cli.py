@@ -12,10 +12,27 @@ end, hf/ (the trained model as a Hugging Face directory).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from megatron_spo.errors import UserError
+
+
+def _check_inputs(config) -> None:
+    """What a user can get wrong in the data and the output location, checked before any process
+    group, model or run directory exists (the trainer reads the data again, tokenised)."""
+    from megatron_spo import atomic
+    from megatron_spo.rollout.records import load_prompt_records, load_records
+
+    atomic.check_output_location(config.run_dir, "run_dir", kind="dir")
+    data = config.data
+    records, repeats = load_prompt_records(data.train_files, data.prompt_key, data.answer_key)
+    if repeats and int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank: said once, not per rank
+        print(f"data: {repeats} of {repeats + len(records)} records repeat an earlier prompt with the same answer "
+              f"and are dropped (each prompt is one value-store entry)", flush=True)
+    for path in config.eval_files:  # read at the first evaluation: a bad file fails now, not then
+        load_records(path)
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +49,7 @@ def main(argv: list[str]) -> int:
                              "cluster in dry_run.* (nodes, gpus_per_node, gpu_memory_gib) with simulated GPUs: strict "
                              "device checks and a per-GPU memory plan; needs only the model's config.json")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may sit before, between or after the flags
     from megatron_spo.training.config import TrainConfig, load_train_config
 
     if args.show_config:
@@ -47,6 +64,7 @@ def main(argv: list[str]) -> int:
 
         return dry_run(str(args.config) if args.config else None, args.overrides)
     config = load_train_config(str(args.config) if args.config else None, args.overrides)
+    _check_inputs(config)
     from megatron_spo import platform
     from megatron_spo.training.trainer import Trainer
 

@@ -15,6 +15,7 @@ import importlib
 import logging
 import sys
 
+from megatron_spo import atomic
 from megatron_spo.errors import UserError
 from megatron_spo.value.offline import (
     DEFAULT_PATTERN,
@@ -60,6 +61,7 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 def merge_main(argv: list[str]) -> int:
     args = _merge_parser().parse_args(argv)
+    atomic.check_output_location(args.output_file, "--output-file")  # before the merge, not after it
     merged, report = merge_offline_values(
         args.input_dir,
         pattern=args.pattern,

@@ -22,16 +22,16 @@ LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (tp, pp): DP=2, then two DP=1 references
 
 def _sft_layouts(rank, world_size, model_dir, data_file, out_root):
     from megatron_spo import platform
-    from megatron_spo.training.sft import SFTConfig, run_sft
+    from megatron_spo.training.sft import SFTConfig, SFTOptimizerConfig, run_sft
 
     results = {}
     for tp, pp in LAYOUTS:
         config = SFTConfig(
             model=model_dir, data_files=[data_file], out=f"{out_root}/tp{tp}pp{pp}/model", tp=tp, pp=pp,
-            max_steps=3, global_batch_size=8, micro_batch_size=2, lr=1e-3, schedule="constant",
+            max_steps=3, global_batch_size=8, micro_batch_size=2, seed=5,
             # Adam divides by sqrt(v) + eps: a tiny eps turns fp32 summation-order noise in
             # near-zero gradients into visible updates (see test_actor_dist.py)
-            eps=1e-4, seed=5,
+            optimizer=SFTOptimizerConfig(lr=1e-3, schedule="constant", eps=1e-4),
         )
         summary = run_sft(config, platform.init_distributed(tp, pp))
         results[(tp, pp)] = [{k: r[k] for k in ("loss", "grad_norm", "response_tokens")} for r in summary["history"]]
@@ -65,5 +65,5 @@ def test_sft_at_dp2_matches_dp1(spawn, tmp_path):
         for layout in LAYOUTS[1:]:
             diff = (tensor - weights[layout][name]).abs().max().item()
             assert diff <= 1e-5, f"{name}: DP=2 vs DP=1 at TP={layout[0]} PP={layout[1]} differ by {diff}"
-    metrics = [json.loads(line) for line in open(tmp_path / "runs/tp1pp1/sft_metrics.jsonl")]
+    metrics = [json.loads(line) for line in open(tmp_path / "runs/tp1pp1/model/sft_metrics.jsonl")]
     assert [m["loss"] for m in metrics] == [r["loss"] for r in dp2]

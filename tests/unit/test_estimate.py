@@ -144,3 +144,9 @@ def test_config_file_flags_and_overrides(tmp_path, data_file, model_dir):
     assert not (tmp_path / "from_file").exists()
     summary = json.loads((out_dir / "estimate_summary.json").read_text())
     assert (summary["responses_per_prompt"], summary["model"]) == (2, model_dir)
+    # a second estimate into the same directory would replace these results: refused, unless asked
+    again = ["values", "estimate", "--config", str(config), "--output-dir", str(out_dir), "n=1"]
+    assert cli.main(again) == 2
+    assert read_jsonl(out_dir / "validation_data" / "0.jsonl") == records
+    assert cli.main([*again, "overwrite=true"]) == 0
+    assert len(read_jsonl(out_dir / "validation_data" / "0.jsonl")) == 3

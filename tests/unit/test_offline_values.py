@@ -183,3 +183,23 @@ def test_data_split_bad_input(tmp_path, capsys):
     bad.write_text("a,b\n")
     assert cli.main(["data", "split", "--dataset", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
     assert "unsupported file type '.csv'" in capsys.readouterr().err
+
+
+def test_data_split_never_mixes_subsets_of_two_splits(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(f'{{"prompt": "a{i}"}}\n' for i in range(6)))
+    second.write_text("".join(f'{{"prompt": "b{i}"}}\n' for i in range(4)))
+    out = tmp_path / "splits"
+    assert cli.main(["data", "split", "--dataset", str(first), "--output-dir", str(out), "--num-subsets", "3"]) == 0
+    # a second split into the same directory is refused: subset_2 of the first would stay beside it
+    assert cli.main(["data", "split", "--dataset", str(second), "--output-dir", str(out), "--num-subsets", "2"]) == 2
+    assert "already holds 3 subset_*.parquet files" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["subset_0.parquet", "subset_1.parquet", "subset_2.parquet"]
+    # --overwrite clears them all first: only the second split's subsets remain
+    assert cli.main(["data", "split", "--dataset", str(second), "--output-dir", str(out), "--num-subsets", "2",
+                     "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["subset_0.parquet", "subset_1.parquet"]
+    rows = [r["prompt"] for i in range(2) for r in pq.read_table(out / f"subset_{i}.parquet").to_pylist()]
+    assert rows == ["b0", "b1", "b2", "b3"]

@@ -146,4 +146,25 @@ def test_step_budget_from_epochs_or_max_steps_and_the_schedule(tiny_model_dir, t
         "lr_decay_style": "cosine"}
     constant = lr_schedule(sft.SFTOptimizerConfig(schedule="constant"), total_steps=10)
     assert (constant["lr_decay_style"], constant["init_lr"], constant["max_lr"]) == ("constant", 1e-5, 1e-5)
-    assert sft.SFTConfig(**common).metrics_path == tmp_path / "sft_metrics.jsonl"
+    assert sft.SFTConfig(**common).metrics_path == tmp_path / "out" / "sft_metrics.jsonl"
+
+
+def test_two_runs_in_one_parent_keep_their_metrics_and_config_inside_their_own_out(tiny_model_dir, tmp_path):
+    from megatron_spo.cli import main
+
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1", "response": "2"}, {"prompt": "2+2", "response": "4"}])
+    parent = tmp_path / "runs"
+    for name, lr in (("a", "1e-3"), ("b", "2e-3")):
+        argv = ["sft", "--model", str(tiny_model_dir), "--data", data, "--out", str(parent / name), "max_steps=1",
+                "global_batch_size=2", "micro_batch_size=2", f"optimizer.lr={lr}"]
+        assert main(argv) == 0
+    assert sorted(p.name for p in parent.iterdir()) == ["a", "b"]  # nothing beside the outputs
+    for name, lr in (("a", 1e-3), ("b", 2e-3)):
+        out = parent / name
+        assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+        assert [json.loads(line)["step"] for line in open(out / "sft_metrics.jsonl")] == [1]
+        assert f"lr: {lr}" in (out / "sft_config.yaml").read_text()
+    # a model started from an SFT output does not inherit that run's records
+    assert main(["sft", "--model", str(parent / "a"), "--data", data, "--out", str(parent / "c"), "max_steps=1",
+                 "global_batch_size=2", "micro_batch_size=2", "optimizer.lr=3e-3"]) == 0
+    assert "lr: 0.003" in (parent / "c" / "sft_config.yaml").read_text()

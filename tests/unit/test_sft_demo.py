@@ -62,12 +62,12 @@ def test_sft_on_demo_data_learns_the_task(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"sft step {steps}/{steps}" in run.stdout
 
-    metrics = [json.loads(line) for line in open(tmp_path / "run" / "sft_metrics.jsonl")]
+    metrics = [json.loads(line) for line in open(out / "sft_metrics.jsonl")]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert metrics[0]["loss"] > 4.0  # ~ln(vocab 306) = 5.7 at random init
     assert metrics[-1]["loss"] < 0.1 * metrics[0]["loss"]
     assert metrics[0]["lr"] < metrics[5]["lr"] == metrics[-1]["lr"] == pytest.approx(3e-3)  # warm-up, then constant
-    assert (tmp_path / "run" / "sft_config.yaml").is_file()
+    assert (out / "sft_config.yaml").is_file() and not (tmp_path / "run" / "sft_metrics.jsonl").exists()
 
     before = _greedy_answers(str(assets.model_dir), records)
     after = _greedy_answers(str(out), records)

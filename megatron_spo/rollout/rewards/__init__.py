@@ -59,8 +59,11 @@ class RewardConfig:
     math_verify_timeout_s: int = 5
     """math-verify's own per-parse/per-compare limit (whole seconds: it uses signal.alarm)."""
     pool: Literal["process", "ray", "inline"] = "process"
-    """Where batches are scored: worker processes, Ray actors (multi-node; needs the `ray`
-    extra), or inline in the caller (debugging; no time limit beyond math-verify's)."""
+    """Where batches are scored: worker processes (the default: each response has `timeout_s`,
+    and a reward that crashes or hangs costs its worker, never the run), Ray actors (multi-node;
+    needs the `ray` extra), or `inline`, a debugging mode that calls the reward in the caller's
+    thread: it ignores `timeout_s` (a reward that sleeps hangs the run; only math-verify's own
+    limit applies) and a reward that aborts the process kills the trainer."""
     workers: int = 2
     """Worker processes / Ray actors scoring in parallel."""
     timeout_s: float = 10.0
