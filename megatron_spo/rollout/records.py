@@ -69,14 +69,22 @@ def read_jsonl_objects(path: str | os.PathLike) -> list[tuple[int, dict[str, Any
     return out
 
 
-def field(record: dict[str, Any], dotted: str) -> Any:
-    """`record[a][b]` for "a.b"; None when a part is missing."""
+_MISSING = object()
+
+
+def _walk(record: dict[str, Any], dotted: str) -> Any:
     value: Any = record
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            return None
+            return _MISSING
         value = value[part]
     return value
+
+
+def field(record: dict[str, Any], dotted: str) -> Any:
+    """`record[a][b]` for "a.b"; None when a part is missing."""
+    value = _walk(record, dotted)
+    return None if value is _MISSING else value
 
 
 def pick_field(records: list[dict[str, Any]], explicit: str | None, candidates: tuple[str, ...], what: str, path: str) -> str:
@@ -98,12 +106,7 @@ def pick_field(records: list[dict[str, Any]], explicit: str | None, candidates: 
 
 def has_field(record: dict[str, Any], dotted: str) -> bool:
     """Whether `record` holds key `dotted` (dots reach into dicts), whatever its value (null too)."""
-    value: Any = record
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False
-        value = value[part]
-    return True
+    return _walk(record, dotted) is not _MISSING
 
 
 def _is_empty(value: Any) -> bool:
