@@ -12,7 +12,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
 VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
 
-.PHONY: install install-vllm install-gpu test test-vllm test-gpu test-fast demo dry-run bench-trl clean
+.PHONY: install install-vllm install-gpu test test-large test-vllm test-gpu test-fast demo dry-run bench-trl clean
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -40,8 +40,14 @@ $(VLLM_VENV)/.installed: setup.py pyproject.toml
 install-vllm: $(VLLM_VENV)/.installed
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not large"
 	if [ "$(VLLM_TESTS)" = 1 ]; then $(MAKE) test-vllm; fi
+
+# what `make test` leaves out for CI time: the Qwen3-8B recipe's and every algorithm's dry run, and
+# the fault loop (10 kills at random moments, each resumed; metrics must equal an undisturbed run's)
+test-large: install
+	$(PYTHON) -m pytest -q -m large
+	$(PYTHON) bench/fault_loop.py --out runs/fault_loop
 
 test-vllm: install-vllm
 	OMP_NUM_THREADS=2 $(VLLM_VENV)/bin/python -m pytest -q $(VLLM_TEST_FILES)

@@ -67,7 +67,10 @@ def _process_worker(conn, function_path: str, config_fields: dict[str, Any]) -> 
         return
     conn.send(("ready", None))  # per-item deadlines start only after imports are done
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except EOFError:  # the pool's process is gone (killed): end quietly with it
+            return
         if message is None:
             return
         index, response, ground_truth = message

@@ -207,6 +207,7 @@ def test_strict_mode_catches_planted_device_bugs(tiny, tmp_path, plant):
 
 
 @pytest.mark.slow
+@pytest.mark.large
 def test_qwen3_8b_recipe_dry_run(tmp_path):
     """The README's command: the 8-GPU Qwen3-8B SPO recipe at the authors' settings (16,384
     response + 2,048 prompt tokens), TP 2 x DP 4 with sequence parallelism, colocated: it fits 80
@@ -234,6 +235,7 @@ def test_qwen3_8b_recipe_dry_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.large
 @pytest.mark.parametrize("algorithm, extra", [
     ("grpo", ["rollout.n=2", "parallel.pp=2", "algorithm.grpo.loss.kl_coef=0.001"]),  # PP 2 and the reference's log-probs
     ("spo_chain", ["algorithm.spo_chain.max_response_tokens=48"]),
