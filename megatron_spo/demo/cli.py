@@ -17,7 +17,6 @@ mean over samples at the training temperature (avg@n), before and after, on held
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 from megatron_spo import atomic, platform
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -188,7 +187,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-spo demo", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="megatron-spo demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory [runs/demo]")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine [hf]")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test, not a result)")

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from megatron_spo import atomic
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-spo convert", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="megatron-spo convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
     common.add_argument("--tp", type=int, default=1, help="tensor parallel size [1]")
     common.add_argument("--pp", type=int, default=1, help="pipeline parallel size [1]")

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any, TypeVar
 
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ def build_parser(cls: type, *, prog: str, description: str, example: str, out_fl
     """The tool's parser: --config, the short flags and the dotted overrides; `--help` lists every key."""
     from megatron_spo.config import describe
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"example: {example}\n\nconfig keys (YAML or key=value):\n  " + "\n  ".join(describe(cls)),
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_spo import atomic
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 from megatron_spo.training.metrics import (
     ACCURACY_SUFFIX,
     GENERATED_TOKENS_KEY,
@@ -127,7 +127,7 @@ def plot_runs(run_dirs: list[str], out_dir: str | os.PathLike, extra_keys: list[
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="megatron-spo plot",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -15,14 +15,14 @@ import argparse
 import os
 from pathlib import Path
 
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
     from megatron_spo.config import describe
     from megatron_spo.training.sft import SFTConfig
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="megatron-spo sft",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

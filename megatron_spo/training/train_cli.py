@@ -11,12 +11,11 @@ end, hf/ (the trained model as a Hugging Face directory).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 
 
 def _check_inputs(config) -> None:
@@ -36,7 +35,7 @@ def _check_inputs(config) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="megatron-spo train", description=__doc__.split("\n\n")[0],
         epilog="Algorithms (algorithm.name): spo (default), grpo, spo_chain, spo_tree, soft_spo. "
                "Every config key can be overridden as dotted.key=value; `--show-config` lists them.",

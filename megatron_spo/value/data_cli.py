@@ -9,11 +9,10 @@ estimate step can run one subset per job, as in the authors' recipe (step 1 of s
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from megatron_spo import atomic
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 
 
 def load_local_dataset(path: str, split: str = "train"):
@@ -102,7 +101,7 @@ def split_dataset(dataset_path: str, output_dir: str, num_subsets: int, split: s
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-spo data", description="dataset tools")
+    parser = ArgumentParser(prog="megatron-spo data", description="dataset tools")
     commands = parser.add_subparsers(dest="command", required=True)
     split = commands.add_parser(
         "split",

@@ -16,7 +16,7 @@ import logging
 import sys
 
 from megatron_spo import atomic
-from megatron_spo.errors import UserError
+from megatron_spo.errors import ArgumentParser, UserError
 from megatron_spo.value.offline import (
     DEFAULT_PATTERN,
     TEMPLATES,
@@ -28,7 +28,7 @@ _ESTIMATE_MODULE = "megatron_spo.rollout.estimate"
 
 
 def _merge_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="megatron-spo values merge",
         description=(
             "Merge scored responses into the offline values file {prompt: [scores...]} that "

@@ -62,6 +62,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 # (case id, argv with {name} placeholders for the inputs, text the error line must hold)
 CASES = [
+    # command-line mistakes argparse catches: one line too, not its usage block
+    ("train unknown flag", ["train", "--bogus"], ["unrecognized arguments: --bogus", "megatron-spo train --help"]),
+    ("convert bad int", ["convert", "hf-to-mcore", "--hf-dir", "{model}", "--out", "{root}/mcore", "--tp", "zero"],
+     ["--tp: invalid int value: 'zero'", "megatron-spo convert hf-to-mcore --help"]),
+    ("demo unknown flag", ["demo", "--what"], ["unrecognized arguments: --what"]),
     # files that are not what their name says
     ("train binary yaml", ["train", "--config", "{binary.yaml}"], ["binary.yaml", "not UTF-8"]),
     ("sft binary yaml", ["sft", "--config", "{binary.yaml}"], ["binary.yaml", "not UTF-8"]),
