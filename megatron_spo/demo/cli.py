@@ -45,6 +45,10 @@ class DemoSettings:
     eval_n: int = 4
     nproc: int = 2
     """torchrun processes for SPO training (data parallel)."""
+    seed: int = 0
+    """Seed of the model's initialisation, SFT's data order and RL's sampling (the task's data and
+    the held-out evaluation stay the same): other seeds stand in for other machines, whose float
+    differences change the trajectory the same way."""
 
 
 QUICK = DemoSettings(sft_steps=60, rl_steps=6, offline_prompts=32, offline_n=2, eval_prompts=32, eval_n=2)
@@ -75,7 +79,7 @@ def _spo_config(sft_dir: Path, train: Path, val: Path, offline_file: Path, run_d
         "model": {"hf_dir": str(sft_dir)},
         "data": {"train_files": [str(train)], "val_files": [str(val)]},
         "run_dir": str(run_dir),
-        "seed": 0,
+        "seed": settings.seed,
         "total_steps": settings.rl_steps,
         "algorithm": {"name": "spo", "spo": {"gen_batch_size": 256, "offline_values": str(offline_file)}},
         "rollout": {"engine": {"name": engine}, "max_response_tokens": 48,
@@ -110,7 +114,7 @@ def plots_available() -> bool:
 
 
 def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> dict:
-    from megatron_spo.demo.assets import build_demo_assets
+    from megatron_spo.demo.assets import TinyModelConfig, build_demo_assets
     from megatron_spo.demo.task import write_jsonl
 
     started = time.perf_counter()
@@ -125,7 +129,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
 
     print("[1/6] synthetic data, tokenizer, tiny Qwen2 model", flush=True)
-    assets = build_demo_assets(out_dir / "assets")
+    assets = build_demo_assets(out_dir / "assets", model=TinyModelConfig(seed=settings.seed))
     val_records = [json.loads(line) for line in open(assets.val_jsonl)][: settings.eval_prompts]
     val = write_jsonl(val_records, out_dir / "assets" / "data" / "val_eval.jsonl")
     train_records = [json.loads(line) for line in open(assets.train_jsonl)]
@@ -136,7 +140,7 @@ def run_demo(out_dir: Path, settings: DemoSettings, *, engine: str = "hf") -> di
     _run([sys.executable, "-m", "megatron_spo", "sft", "--model", str(assets.model_dir), "--data", str(assets.sft_jsonl),
           "--out", str(sft_dir), "--overwrite", f"max_steps={settings.sft_steps}",
           f"optimizer.lr={settings.sft_lr}", "optimizer.warmup_steps=20", "optimizer.schedule=constant",
-          "global_batch_size=32", "micro_batch_size=32", "epochs=100"],
+          "global_batch_size=32", "micro_batch_size=32", "epochs=100", f"seed={settings.seed}"],
          logs / "sft.log", env)
 
     print("[3/6] held-out accuracy before RL", flush=True)
@@ -191,8 +195,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory [runs/demo]")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout engine [hf]")
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test, not a result)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the model's init, SFT and RL; the data and evaluation stay the same [0]")
     args = parser.parse_args(argv)
-    settings = QUICK if args.quick else DemoSettings()
+    settings = dataclasses.replace(QUICK if args.quick else DemoSettings(), seed=args.seed)
     summary = run_demo(args.out, settings, engine=args.engine)
     gain = summary["accuracy_after"] - summary["accuracy_before"]
     print(f"\nheld-out accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} "
