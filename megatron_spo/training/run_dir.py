@@ -10,7 +10,8 @@
     overwrite  start a new run: the directory's contents are deleted first
 
 A directory that holds files but no `config.yaml` is not a megatron-spo run and is never
-continued. Metrics of a continued run are cut back to its checkpoint (`MetricsLogger`), so rows of
+continued; one whose run stopped before its first step (no checkpoint, no metrics: a wrong model
+path, say) is started again with the new config. Metrics of a continued run are cut back to its checkpoint (`MetricsLogger`), so rows of
 two runs never interleave.
 """
 
@@ -64,6 +65,15 @@ def _entries(run_dir: Path, checkpoint_dir: Path) -> list[Path]:
     return found
 
 
+def _never_trained(run_dir: Path, checkpoint_dir: Path) -> bool:
+    """The directory's run recorded its config but no step: no complete checkpoint, no metrics."""
+    from megatron_spo.training.checkpointing import complete_checkpoints
+
+    metrics = run_dir / "metrics.jsonl"
+    return ((run_dir / CONFIG_FILE).is_file() and not complete_checkpoints(checkpoint_dir)
+            and not (metrics.is_file() and metrics.stat().st_size))
+
+
 def claim(run_dir: Path, config, *, resume_step: int) -> tuple[str | None, bool]:
     """Make `run_dir` this run's (rank 0): (the problem as one line or None, whether the run
     continues the one the directory holds). `resume_step`: the step it continues from (0 when
@@ -73,6 +83,8 @@ def claim(run_dir: Path, config, *, resume_step: int) -> tuple[str | None, bool]
     run_dir = Path(run_dir)
     entries = _entries(run_dir, Path(config.checkpoint_dir))
     mode = config.checkpoint.resume
+    if entries and mode == "auto" and _never_trained(run_dir, Path(config.checkpoint_dir)):
+        mode = "overwrite"  # a run that stopped before its first step (e.g. a wrong model path): start again
     if entries and mode == "overwrite":
         for path in entries:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

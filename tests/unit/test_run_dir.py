@@ -46,6 +46,7 @@ def test_never_refuses_a_directory_that_holds_a_run_and_overwrite_clears_it(make
 def test_resume_refuses_a_changed_config_naming_the_keys_and_records_a_harmless_change(make_config, tmp_path):
     run = tmp_path / "run"
     claim(run, make_config("total_steps=4"), resume_step=0)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # the run trained
     problem, _ = claim(run, make_config("algorithm.name=grpo", "batch.train_batch_size=96"), resume_step=2)
     assert "another config (algorithm.name, batch.train_batch_size, rollout.n differ" in problem
     longer = make_config("total_steps=10", "logging.tensorboard=false", "eval.every_steps=5")
@@ -91,3 +92,16 @@ def test_a_restart_before_the_first_checkpoint_drops_the_killed_run_s_rows(tmp_p
     first.close()
     MetricsLogger(tmp_path, tensorboard=False, resume_step=-1).close()
     assert read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+def test_a_run_that_stopped_before_its_first_step_does_not_block_a_corrected_one(make_config, tmp_path):
+    """The first attempt recorded its config and failed at start-up (no checkpoint, no metrics):
+    the corrected config starts the run again instead of being refused as another config."""
+    run = tmp_path / "run"
+    claim(run, make_config("seed=1"), resume_step=0)
+    (run / "tensorboard").mkdir()
+    assert claim(run, make_config("seed=2"), resume_step=0) == (None, False)
+    assert load_yaml(run / "config.yaml")["seed"] == 2 and not (run / "tensorboard").exists()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # it trained a step: now it is a run to continue
+    problem, _ = claim(run, make_config("seed=3"), resume_step=0)
+    assert "seed differ" in problem
