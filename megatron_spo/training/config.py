@@ -368,7 +368,8 @@ class CheckpointConfig:
     """A run directory belongs to one run (`training.run_dir`). auto: continue the run it holds
     from its latest complete checkpoint (refused when the config differs in anything but logging,
     evaluation, length and saving cadence; each resume's config is kept as
-    config.resume-<step>.yaml); never: start a new run, refused unless the directory is empty;
+    config.resume-<step>.yaml; a run that stopped before its first step is started again);
+    never: start a new run, refused unless the directory is empty;
     overwrite: delete what the directory (and `dir`) holds, then start a new run."""
     export_hf: bool = True
     """Write the final policy as a Hugging Face model to RUN_DIR/hf at the end."""
