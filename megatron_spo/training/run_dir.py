@@ -11,8 +11,8 @@
 
 A directory that holds files but no `config.yaml` is not a megatron-spo run and is never
 continued; one whose run stopped before its first step (no checkpoint, no metrics: a wrong model
-path, say) is started again with the new config. Metrics of a continued run are cut back to its checkpoint (`MetricsLogger`), so rows of
-two runs never interleave.
+path, say) is started again with the new config. Metrics of a continued run are cut back to its
+checkpoint (`MetricsLogger`), so rows of two runs never interleave.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ CONFIG_FILE = "config.yaml"
 HARMLESS = ("logging.", "eval.", "dry_run.", "total_steps", "total_epochs", "max_generated_tokens", "run_dir",
             "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.export_hf", "checkpoint.resume",
             "rollout.offload_actor", "rollout.engine.enable_sleep_mode", "rollout.engine.max_num_seqs",
-            "rollout.engine.kv_cache_gib", "rollout.engine.gpu_memory_utilization", "rollout.reward.num_workers")
+            "rollout.engine.kv_cache_gib", "rollout.engine.gpu_memory_utilization", "rollout.reward.workers")
 """Keys a resumed run may change: how long it runs, what it logs and evaluates, how often it saves,
 and engine memory settings that do not change what is sampled (tested bit-exact)."""
 
@@ -68,8 +68,9 @@ def _entries(run_dir: Path, checkpoint_dir: Path) -> list[Path]:
 def _never_trained(run_dir: Path, checkpoint_dir: Path) -> bool:
     """The directory's run recorded its config but no step: no complete checkpoint, no metrics."""
     from megatron_spo.training.checkpointing import complete_checkpoints
+    from megatron_spo.training.metrics import METRICS_FILE
 
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     return ((run_dir / CONFIG_FILE).is_file() and not complete_checkpoints(checkpoint_dir)
             and not (metrics.is_file() and metrics.stat().st_size))
 

@@ -49,7 +49,7 @@ def test_resume_refuses_a_changed_config_naming_the_keys_and_records_a_harmless_
     (run / "metrics.jsonl").write_text('{"step": 1}\n')  # the run trained
     problem, _ = claim(run, make_config("algorithm.name=grpo", "batch.train_batch_size=96"), resume_step=2)
     assert "another config (algorithm.name, batch.train_batch_size, rollout.n differ" in problem
-    longer = make_config("total_steps=10", "logging.tensorboard=false", "eval.every_steps=5")
+    longer = make_config("total_steps=10", "logging.tensorboard=false", "eval.every_steps=5", "rollout.reward.workers=4")
     assert claim(run, longer, resume_step=2) == (None, True)
     assert load_yaml(run / "config.yaml")["total_steps"] == 4  # the first config stays the record
     assert load_yaml(run / "config.resume-00000002.yaml")["total_steps"] == 10
