@@ -144,8 +144,7 @@ class HFEngine(RolloutEngine):
     # ------------------------------------------------------------------ generation
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        if self._asleep:
-            raise RuntimeError("HFEngine.generate called while asleep; call wake_up() first")
+        self._require_awake("HFEngine.generate")
         sequences = [seq for index, request in enumerate(requests) for seq in self._expand(index, request)]
         # similar lengths together: less padding per batch
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].prompt))
@@ -158,20 +157,47 @@ class HFEngine(RolloutEngine):
             completions[seq.request_index].append(self._completion(seq))
         return [GenerationResult(request=r, completions=c) for r, c in zip(requests, completions)]
 
+    def open_stream(self, max_inflight: int):
+        """Continuous batching over this engine (`hf_stream.HFStream`), the per-sequence results
+        of `generate`. Models whose KV cache is not plain full attention (sliding-window, linear
+        attention layers) get `streaming.BatchedStream`: their cache rows cannot be realigned."""
+        from megatron_spo.rollout.hf_stream import HFStream
+        from megatron_spo.rollout.streaming import BatchedStream
+
+        if HFStream.supports(self.model):
+            return HFStream(self, max_inflight)
+        logger.warning("%s: no continuous batching for this cache layout, streaming whole batches",
+                       type(self.model).__name__)
+        return BatchedStream(self, max_inflight)
+
+    def _require_awake(self, caller: str) -> None:
+        """Refuse to run the model while its weights are offloaded by `sleep`."""
+        if self._asleep:
+            raise RuntimeError(f"{caller} called while asleep; call wake_up() first")
+
     def _expand(self, index: int, request: GenerationRequest) -> list[_Sequence]:
         prompt = list(request.prompt_token_ids)
-        params = request.params
+        self._check_request(f"request {index}", prompt, request.params)
+        return self._new_sequences(index, prompt, request.params)
+
+    def _check_request(self, label: str, prompt: list[int], params: SamplingParams) -> None:
+        """Refuse a prompt the model cannot continue (empty, ids out of the vocabulary, no room
+        left in the context) and stop strings without a tokenizer; `label` names the request."""
         if not prompt:
-            raise ValueError(f"request {index}: empty prompt_token_ids")
+            raise ValueError(f"{label}: empty prompt_token_ids")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"request {index}: token ids must be in [0, {self.vocab_size})")
+            raise ValueError(f"{label}: token ids must be in [0, {self.vocab_size})")
         if len(prompt) >= self.max_model_len:
             raise ValueError(
-                f"request {index}: prompt of {len(prompt)} tokens leaves no room in the context "
+                f"{label}: prompt of {len(prompt)} tokens leaves no room in the context "
                 f"length {self.max_model_len}"
             )
         if params.stop and self.tokenizer is None:
-            raise ValueError(f"request {index}: stop strings need a tokenizer in {self.config.model}")
+            raise ValueError(f"{label}: stop strings need a tokenizer in {self.config.model}")
+
+    def _new_sequences(self, index: int, prompt: list[int], params: SamplingParams) -> list[_Sequence]:
+        """The `params.n` sequences of one checked request: the `j`-th of a seeded request draws
+        from its own generator seeded `seed + j`, unseeded ones share the engine's generator."""
         stop_ids = frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids)
         sequences = []
         for j in range(params.n):
@@ -182,30 +208,27 @@ class HFEngine(RolloutEngine):
             sequences.append(_Sequence(index, j, prompt, params, generator, stop_ids))
         return sequences
 
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, position_ids), each (B, max length) on the engine's device:
+        the prompts left-padded with id 0 and mask 0, positions counting real tokens only."""
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return tuple(t.to(self.device) for t in (input_ids, attention_mask, position_ids))
+
     def _decode(self, seqs: list[_Sequence]) -> None:
         """Decode one batch to completion, filling each sequence's tokens and finish reason."""
-        pad_id = 0
-        lengths = [len(s.prompt) for s in seqs]
-        width = max(lengths)
-        # (B, P) left-padded prompts; positions count real tokens only
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, width - len(seq.prompt) :] = torch.tensor(seq.prompt)
-            attention_mask[row, width - len(seq.prompt) :] = 1
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention_mask, position_ids = (
-            t.to(self.device) for t in (input_ids, attention_mask, position_ids)
-        )
-        next_position = torch.tensor(lengths, device=self.device)  # (B,)
-        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
-        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+        input_ids, attention_mask, position_ids = self._left_padded([s.prompt for s in seqs])
+        next_position = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (B,)
 
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        active = list(range(len(seqs)))  # rows of the cache -> index into seqs
+        active = seqs  # row r of the cache is active[r]
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -215,17 +238,8 @@ class HFEngine(RolloutEngine):
             logits_to_keep=1,
         )
         while True:
-            logits = out.logits[:, -1, :].float().cpu()  # (B_active, V)
-            rows = torch.tensor(active)
-            logprobs = sampling_logprobs(logits, temperature[rows], top_k[rows], top_p[rows])
-            next_tokens = self._pick_tokens(logits, logprobs, [seqs[i] for i in active])
-            token_logprobs = logprobs.gather(1, torch.tensor(next_tokens)[:, None])[:, 0].tolist()
-            for row, seq_index in enumerate(active):
-                seq = seqs[seq_index]
-                seq.token_ids.append(next_tokens[row])
-                seq.logprobs.append(token_logprobs[row])
-                self._check_finished(seq)
-            keep = [row for row, seq_index in enumerate(active) if seqs[seq_index].finish_reason is None]
+            self._sample_next(out.logits[:, -1, :].float().cpu(), active)
+            keep = [row for row, seq in enumerate(active) if seq.finish_reason is None]
             if not keep:
                 return
             if len(keep) < len(active):
@@ -234,7 +248,7 @@ class HFEngine(RolloutEngine):
                 attention_mask = attention_mask[keep_rows]
                 next_position = next_position[keep_rows]
                 active = [active[row] for row in keep]
-            tokens = torch.tensor([next_tokens[row] for row in keep], device=self.device)[:, None]
+            tokens = torch.tensor([seq.token_ids[-1] for seq in active], device=self.device)[:, None]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(keep), 1)], dim=1)
             out = self.model(
                 input_ids=tokens,
@@ -244,6 +258,20 @@ class HFEngine(RolloutEngine):
                 use_cache=True,
             )
             next_position = next_position + 1
+
+    def _sample_next(self, logits: torch.Tensor, seqs: list[_Sequence]) -> None:
+        """Sample one token per row of `logits` (B, V) float32 on the host, row r for `seqs[r]`:
+        append it and its logprob to the sequence and apply the finish rules."""
+        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+        logprobs = sampling_logprobs(logits, temperature, top_k, top_p)
+        next_tokens = self._pick_tokens(logits, logprobs, seqs)
+        token_logprobs = logprobs.gather(1, torch.tensor(next_tokens)[:, None])[:, 0].tolist()
+        for seq, token, logprob in zip(seqs, next_tokens, token_logprobs):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            self._check_finished(seq)
 
     def _pick_tokens(self, logits: torch.Tensor, logprobs: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
         """Next token per row: argmax of the raw logits for greedy rows, a draw from the

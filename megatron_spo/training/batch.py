@@ -35,6 +35,10 @@ class TrainBatch:
     """(N, T) the frozen reference's log-probs (KL terms, soft Q)."""
     advantages: torch.Tensor | None = None
     """(N, T) per-token advantages (policy-gradient objectives)."""
+    is_weights: torch.Tensor | None = None
+    """(N, T) importance weight of each token's policy-gradient term: pi_old / pi_behaviour for
+    tokens an older policy sampled (async rollout, `training.async_rollout`), 1 elsewhere; None
+    = all 1."""
     rewards: torch.Tensor | None = None
     """(N,) training reward per sequence (soft SPO)."""
     q0: torch.Tensor | None = None

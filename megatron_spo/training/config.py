@@ -28,7 +28,9 @@ Layout (every leaf is settable as `section.key=value` on the command line):
                 at that temperature; the others use rollout.*; soft_spo's loss reads log-probs at
                 temperature 1)
                 (loss.*: clip_ratio_low/high/c, loss_agg, kl_coef, kl_estimator, entropy_coef)
-    rollout:    n, temperature, top_p, top_k, max_response_tokens, agent loop, offload_actor,
+    rollout:    mode (sync | async), max_inflight, max_staleness, partial_rollout,
+                off_policy_correction, is_cap (megatron_spo.training.rollout_config),
+                n, temperature, top_p, top_k, max_response_tokens, agent loop, offload_actor,
                 engine.* (megatron_spo.rollout.engine.EngineConfig: name, dtype, max_model_len,
                 max_num_seqs, tensor_parallel_size, kv_cache_gib, gpu_memory_utilization,
                 enable_sleep_mode), reward.*, weight_sync.*, sandbox.*
@@ -56,15 +58,12 @@ from typing import ClassVar, Literal, Sequence
 
 from megatron_spo.config import load_config
 from megatron_spo.errors import UserError
-from megatron_spo.rollout.engine import EngineConfig
 from megatron_spo.rollout.prompts import PromptConfig
-from megatron_spo.rollout.rewards import RewardConfig
-from megatron_spo.rollout.sandbox import SandboxConfig
-from megatron_spo.rollout.weight_sync import WeightSyncConfig
 from megatron_spo.training.algorithms.segment_chain import SegmentChainConfig
 from megatron_spo.training.algorithms.segment_tree import SegmentTreeConfig
 from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig
 from megatron_spo.training.evaluation import EvalConfig
+from megatron_spo.training.rollout_config import RolloutConfig, check_async
 from megatron_spo.value.config import ValueConfig
 
 Algorithm = Literal["spo", "grpo", "spo_chain", "spo_tree", "soft_spo"]
@@ -242,57 +241,6 @@ class AlgorithmConfig:
     """Segment Policy Optimization, tree variant (seed 003)."""
     soft_spo: SoftSPOConfig = dataclasses.field(default_factory=SoftSPOConfig)
     """Soft Policy Optimization (seed 004)."""
-
-
-@dataclasses.dataclass(kw_only=True)
-class RolloutConfig:
-    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
-    """The rollout engine: name (`hf`, transformers, the CPU default; or `vllm`), dtype, context
-    and batch limits, rollout TP, memory and sleep (colocation) settings. Its model is
-    model.hf_dir and its seed the run's `seed` (`engine_config` fills them in)."""
-    n: int | None = None
-    """Responses per prompt. None = the algorithm's: 1 for spo (single stream), 8 for grpo (the
-    authors' GRPO baseline), 1 for the others. Resolved when the config is built."""
-    temperature: float = 1.0
-    """Training sampling temperature (the authors' / verl default: sample the policy itself)."""
-    top_p: float = 1.0
-    """Training nucleus mass; 1.0 = off (on-policy sampling)."""
-    top_k: int = -1
-    """Training top-k; -1 = off."""
-    max_response_tokens: int = 16384
-    """New tokens per response at most (the authors' 16k for Qwen3-8B)."""
-    agent: Literal["single_turn", "tool"] = "single_turn"
-    """single_turn: one completion per prompt; tool: the ReTool-style code-interpreter loop."""
-    max_assistant_turns: int = 8
-    """tool agent: assistant turns per trajectory at most (the authors' 8)."""
-    max_tool_response_tokens: int = 256
-    """tool agent: interpreter output is truncated to this many tokens (the authors' 256)."""
-    offload_actor: bool = False
-    """Colocation: the actor's (and the reference's) weights, gradients and optimizer state go
-    to host memory while the engine generates, and come back before the actor computes (verl's
-    param / grad / optimizer offload): the KV cache gets the actor's static memory, for a
-    device-host round trip of that state each step. Bit-exact."""
-    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    """How responses are scored (math grader by default)."""
-    weight_sync: WeightSyncConfig = dataclasses.field(default_factory=WeightSyncConfig)
-    """Actor -> engine weight transfer."""
-    sandbox: SandboxConfig = dataclasses.field(default_factory=SandboxConfig)
-    """Code execution for the tool agent."""
-
-    def __post_init__(self):
-        if self.n is not None and self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_response_tokens < 1 or self.max_assistant_turns < 1 or self.max_tool_response_tokens < 1:
-            raise ValueError("max_response_tokens, max_assistant_turns and max_tool_response_tokens must be >= 1")
-
-    def engine_config(self, model_dir: str, *, seed: int = 0, load_weights: bool = True) -> EngineConfig:
-        """The complete `EngineConfig`: the `engine` section with the program's model directory
-        (model.hf_dir), seed and whether to load weights filled in."""
-        return dataclasses.replace(self.engine, model=model_dir, seed=seed, load_weights=load_weights)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -533,6 +481,7 @@ class TrainConfig:
                 f"algorithm.spo.gen_batch_size ({self.algorithm.spo.gen_batch_size}) must be >= "
                 f"batch.train_batch_size ({self.batch.train_batch_size}): the batch is drawn from that pool"
             )
+        check_async(self)
 
     def run_steps(self, num_prompts: int, prompts_per_step: int) -> int:
         """Training steps of the run: `total_steps`, or `total_epochs` passes over `num_prompts`

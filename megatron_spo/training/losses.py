@@ -119,10 +119,12 @@ def ppo_clip_loss(
     clip_ratio_c: float,
     loss_agg: LossAgg = "token-mean",
     denominator: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate with dual clip; all tensors (B, T); see the module docstring.
 
-    The metrics are local masked means (diagnostics, not part of the gradient).
+    `token_weights` (detached, (B, T)) multiplies each token's surrogate: the importance weight
+    pi_old / pi_behaviour of tokens sampled by an older policy (async rollout). The metrics are local masked means (diagnostics, not part of the gradient).
     """
     if clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual clip lower-bounds the ratio at it), got {clip_ratio_c}")
@@ -135,6 +137,8 @@ def ppo_clip_loss(
     dual_bound = -advantages * clip_ratio_c
     negative = advantages < 0
     per_token = torch.where(negative, torch.minimum(clip_loss, dual_bound), clip_loss)
+    if token_weights is not None:
+        per_token = per_token * token_weights
 
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).to(mask.dtype), mask)

@@ -67,7 +67,8 @@ class PPOObjective:
         old = mb.old_logprobs[:, :width] if mb.old_logprobs is not None else lp.detach()
         out = ppo_clip_loss(lp, old, mb.advantages[:, :width], weights,
                             clip_ratio_low=c.clip_ratio_low, clip_ratio_high=c.clip_ratio_high,
-                            clip_ratio_c=c.clip_ratio_c, loss_agg="token-mean", denominator=1.0)
+                            clip_ratio_c=c.clip_ratio_c, loss_agg="token-mean", denominator=1.0,
+                            token_weights=None if mb.is_weights is None else mb.is_weights[:, :width])
         loss = out.loss
         entropy_sum = aggregate(entropy if c.entropy_coef else entropy.detach(), weights, "token-mean",
                                 denominator=1.0)

@@ -23,6 +23,7 @@ run repeats an uninterrupted one exactly (`training.checkpointing`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -94,6 +95,7 @@ class Trainer:
         self._resume()
         self.logger = self._make_logger()
         self._eval_records = None
+        self.async_rollouts = self._start_async() if cfg.rollout.mode == "async" else None
 
     # ------------------------------------------------------------------ setup
 
@@ -238,15 +240,22 @@ class Trainer:
 
         algo, cfg, ctx = self.algorithm, self.config, self.context()
         t0 = time.perf_counter()
-        prompts = algo.choose_prompts(self.order)
-        algo.before_generation(ctx, prompts)
-        sync = self._load_engine_weights(self.actor.export_hf())
-        t_gen = time.perf_counter()
-        rollout = algo.generate(ctx, prompts)
-        gen_seconds = time.perf_counter() - t_gen  # generation and grading only, not the old pass
-        self.colocation.for_training(keep_engine=algo.keeps_engine_after_generation)
+        if self.async_rollouts is None:
+            prompts = algo.choose_prompts(self.order)
+            algo.before_generation(ctx, prompts)
+            sync = self._load_engine_weights(self.actor.export_hf())
+            t_gen = time.perf_counter()
+            rollout = algo.generate(ctx, prompts)
+            gen_seconds = time.perf_counter() - t_gen  # generation and grading only, not the old pass
+            self.colocation.for_training(keep_engine=algo.keeps_engine_after_generation)
+            taken = None
+        else:
+            taken, rollout, prompts, gen_seconds = self._take_async()
+            algo.before_generation(ctx, prompts)  # p_hat when the trajectory is trained
         batch = TrainBatch.from_rollout(rollout, ctx.pad_id)
-        old = self.logprobs(self.actor, batch) if algo.needs_old_logprobs(cfg.batch) else None
+        stale = None if taken is None else self._stale_tokens(taken, rollout, batch)
+        needs_old = algo.needs_old_logprobs(cfg.batch) or (stale is not None and bool(stale.any()))
+        old = self.logprobs(self.actor, batch) if needs_old else None
         if algo.keeps_engine_after_generation:
             t_more = time.perf_counter()
             algo.after_old_logprobs(ctx, rollout, old, len(prompts))
@@ -256,12 +265,16 @@ class Trainer:
         sequences = batch.replace(old_logprobs=None if old is None else pad_right(old),
                                   ref_logprobs=None if ref is None else pad_right(ref))
         train_batch, advantages = algo.prepare(ctx, rollout, sequences, old)
+        if stale is not None and old is not None and bool(stale.any()):
+            train_batch = train_batch.replace(is_weights=pad_right(self._behaviour_weights(rollout, batch, old, stale)))
 
         t_train = time.perf_counter()
         owner = mini_batch_of(rollout.prompt_index, cfg.batch.train_batch_size, cfg.batch.mini_batch_size)
         update = update_actor(self.actor, algo.objective, train_batch, owner, cfg.batch, ctx.reduce_sum)
         train_seconds = time.perf_counter() - t_train
         algorithm_metrics = algo.after_update(ctx, rollout)
+        if self.async_rollouts is not None:
+            sync = self._advance_async()
 
         self.step += 1
         generated = ctx.reduce_sum(torch.tensor([float(rollout.generated_tokens)]))[0].item()
@@ -279,7 +292,73 @@ class Trainer:
         metrics.update(step_metrics.advantage_metrics(advantages, train_batch, ctx.reduce_sum, ctx.reduce_max))
         if old is not None:
             metrics["rollout/logprob_mismatch"] = step_metrics.logprob_mismatch(rollout, batch, old, ctx.reduce_sum)
+        if taken is not None:
+            metrics.update(self._async_metrics(ctx, taken, stale, time.perf_counter() - t0))
         return {**metrics, **update, **algorithm_metrics}
+
+    # ------------------------------------------------------------------ async rollout (rollout.mode=async)
+
+    def _start_async(self):
+        """The background stream of `rollout.mode: async` (`training.async_rollout`), once the
+        engine holds the actor's weights (version 0)."""
+        from megatron_spo.training.async_rollout import AsyncRollouts, LockedScorer
+
+        cfg, par = self.config, self.parallel
+        self._load_engine_weights(self.actor.export_hf())
+        self.scorer = LockedScorer(self.scorer)
+        self._prompts_by_key = {p.key: p for p in self.prompts}
+        return AsyncRollouts(self.engine, self.tokenizer, self.scorer, sampling=self.algorithm.sampling,
+                             config=cfg.rollout, seed=cfg.seed, per_rank=cfg.batch.train_batch_size // self.dp,
+                             dp=self.dp, dp_rank=par.dp_rank, dp_group=par.host_dp_group if self.dp > 1 else None)
+
+    def _take_async(self):
+        """(trajectories, this rank's Rollout of them, the step's global prompts, seconds waited)."""
+        stream = self.async_rollouts
+        stream.top_up(self.algorithm, self.order, self._prompts_by_key)
+        taken, waited = stream.take()
+        rollout, prompts = stream.rollout_of(taken, self._prompts_by_key)
+        rollout.grader_failures = float(stream.counts.get("dropped_grader", 0))
+        return taken, rollout, prompts, waited
+
+    def _advance_async(self):
+        box = []
+        self.async_rollouts.advance(lambda: box.append(self._load_engine_weights(self.actor.export_hf())))
+        return box[0]
+
+    def _stale_tokens(self, taken, rollout, batch: TrainBatch) -> torch.Tensor:
+        """(N, T - 1) True on response tokens sampled by an older version than the current one."""
+        from megatron_spo.training.batch import per_token
+
+        version = self.async_rollouts.version
+        lag = [[float(v < version) for v in t.versions] for t in taken]
+        return per_token(rollout.contexts, lag, batch.target_mask).bool() & batch.target_mask.bool()
+
+    def _behaviour_weights(self, rollout, batch: TrainBatch, old: torch.Tensor, stale: torch.Tensor) -> torch.Tensor:
+        from megatron_spo.training.async_rollout import behaviour_weights
+        from megatron_spo.training.batch import per_token
+
+        roll = self.config.rollout
+        behaviour = per_token(rollout.contexts, rollout.logprobs, old)
+        return behaviour_weights(old, behaviour, stale, roll.off_policy_correction, roll.is_cap)
+
+    def _async_metrics(self, ctx, taken, stale, step_seconds: float) -> dict[str, float]:
+        """async/*: the stream's counts this step, summed over DP ranks, and the staleness of
+        what was trained."""
+        counts = self.async_rollouts.take_counts()
+        version = self.async_rollouts.version - 1  # the version this step trained from
+        lags = [version - t.version for t in taken]
+        names = ["refills", "dropped_stale", "dropped_grader", "restarted", "outstanding", "generated_tokens"]
+        local = [float(counts.get(n, 0.0)) for n in names]
+        local += [float(sum(lags)), float(len(lags)), float(stale.sum()) if stale is not None else 0.0,
+                  float(sum(len(t.response) for t in taken))]
+        total = ctx.reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        lag_max = ctx.reduce_max(torch.tensor([float(max(lags, default=0))]))[0].item()
+        out = {f"async/{n}": v for n, v in zip(names[:5], total[:5])}
+        out["async/staleness_mean"] = total[6] / max(total[7], 1.0)
+        out["async/staleness_max"] = lag_max
+        out["async/stale_token_fraction"] = total[8] / max(total[9], 1.0)
+        out["async/stream_tokens_per_s"] = total[5] / max(step_seconds, 1e-9)
+        return out
 
     # ------------------------------------------------------------------ evaluation, checkpoints
 
@@ -294,9 +373,11 @@ class Trainer:
             return {}
         if self._eval_records is None:
             self._eval_records = [r for path in cfg.eval_files for r in load_records(path)]
-        self._load_engine_weights(self.actor.export_hf())
-        metrics = evaluate_policy(self.engine, self.tokenizer, self._eval_records, cfg, pool=self.scorer,
-                                  parallel=self.parallel)
+        # async mode: the stream waits between two decoding steps while the engine evaluates
+        with self.async_rollouts.paused() if self.async_rollouts is not None else contextlib.nullcontext():
+            self._load_engine_weights(self.actor.export_hf())
+            metrics = evaluate_policy(self.engine, self.tokenizer, self._eval_records, cfg, pool=self.scorer,
+                                      parallel=self.parallel)
         self.colocation.for_training()
         return metrics
 
@@ -347,6 +428,8 @@ class Trainer:
                                   dtype=dtype, write=self.is_main, overwrite=True)
 
     def close(self) -> None:
+        if self.async_rollouts is not None:
+            self.async_rollouts.close()
         self.logger.close()
         self.scorer.close()
         self.engine.shutdown()

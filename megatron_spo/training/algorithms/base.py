@@ -143,8 +143,16 @@ class Algorithm:
         """The step's global batch, from `order` (`training.data.PromptOrder`)."""
         return order.take(self.train_batch_size)
 
+    def choose_async_prompts(self, order, count: int, *, exclude) -> list[Prompt]:
+        """rollout.mode=async: up to `count` prompts, none of whose keys is in `exclude` (in
+        flight); drawn the same on every rank. Only group-free algorithms can stream."""
+        from megatron_spo.errors import UserError
+
+        raise UserError(f"rollout.mode=async: algorithm {self.name!r} does not stream; use rollout.mode=sync")
+
     def before_generation(self, ctx: StepContext, batch: list[Prompt]) -> None:
-        """Runs before the actor's weights reach the engine."""
+        """Runs before the actor's weights reach the engine (async mode: when the batch is
+        trained, before its update)."""
 
     def generate(self, ctx: StepContext, batch: list[Prompt]) -> Rollout:
         """`n` scored responses (single turn, or the tool agent) to each prompt this rank trains."""

@@ -71,7 +71,17 @@ class SPO(Algorithm):
         size = min(self.train_batch_size, len(np.unique(pool_keys)))
         return [pool[i] for i in self.store.sample(pool_keys, size, self.rng)]
 
+    def choose_async_prompts(self, order, count: int, *, exclude):
+        """rollout.mode=async: `count` prompts (at most a batch) drawn as `choose_prompts` draws,
+        from the next pool without the prompts in `exclude` (in flight); with nothing in flight,
+        the same draw."""
+        pool = [p for p in order.take(self.config.gen_batch_size) if p.key not in exclude]
+        pool_keys = np.array([p.key for p in pool], dtype=np.int64)
+        size = min(count, len(np.unique(pool_keys)))
+        return [pool[i] for i in self.store.sample(pool_keys, size, self.rng)] if size else []
+
     def before_generation(self, ctx, batch):
+        # sync: before generation; async: when the batch is trained (the trainer calls it then)
         self.p_hat = self.store.p_hat(np.array([p.key for p in batch], dtype=np.int64))
 
     def needs_old_logprobs(self, batch_config) -> bool:

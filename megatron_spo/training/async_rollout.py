@@ -1,0 +1,353 @@
+"""`rollout.mode: async`: trajectories stream in the background while the actor trains.
+
+Each rank runs a driver thread over its engine's stream (`rollout.streaming`: up to
+`rollout.max_inflight` sequences decoding at once, a finished one's slot refilled at once) and a
+grading thread over the scoring pool; graded trajectories land in a buffer. A training step
+
+    top_up     all ranks agree on the prompts that bring each rank back to (max_staleness + 1)
+               batches outstanding (the algorithm draws them, never a prompt in flight) and
+               queue them on their streams                                      (collective)
+    take       this rank waits for batch.train_batch_size / dp trajectories of its buffer, in
+               finish order, dropping (and counting) those sampled more than max_staleness
+               versions ago; what generation started is not waited for twice
+    train      as in sync mode, on those trajectories (p_hat is read now, before the update)
+    advance    the new weights go into the engine between two decoding steps; the version rises;
+               with `partial_rollout` false the in-flight sequences restart from their prompt;
+               the ranks share which prompts they trained, which are drawable again (collective)
+
+A trajectory's version is the policy version that sampled its first token. Tokens sampled by an
+older policy than the step's proximal one (the actor before the update, `old_logprobs`) are
+reweighted by pi_prox / pi_behav, truncated at `is_cap` (`off_policy_correction: tis`; verl's and
+AReaL's async recipes) or not (`decoupled`, decoupled PPO: Hilton et al. 2022, AReaL): the PPO
+ratio is then taken against pi_prox, so the clip bounds the step from the proximal policy, not
+from whatever stale policy sampled the token. Tokens of the current version weigh exactly 1.
+
+What changes against the synchronous order, and why max_staleness = 0 changes nothing: sync
+draws a batch, generates it and trains it at one version. Here a prompt is drawn when its rank
+has room, and a prompt in flight is not drawn again until it is trained or dropped (SPO's value
+store may not see one prompt twice in one step). With max_staleness = 0 a rank has exactly one
+batch outstanding, drawn at the same point of the run as sync draws it (after the previous
+update, with the same sampler state), seeded by the same (step, position), generated under the
+same weights and trained in the same positions: p_hat is read before the update as in sync, the
+KL drift for rho compares the response stored at the prompt's previous trained visit, and every
+token weighs 1. The batch's trajectories, the update and the value store's posterior are those of
+sync mode, so the estimate stays what it is there. For max_staleness > 0, p_hat is read when the
+trajectory is trained, so the advantage r - p_hat uses the freshest posterior, and the
+policy-gradient bias of a stale sample is what the importance weight corrects.
+
+Faults: a trajectory whose grader failed (error, timeout, non-finite) is dropped and counted
+(`async/dropped_grader`), not trained as a zero; its prompt is released. A resumed run starts with
+an empty stream: what was in flight at the checkpoint is discarded, and those prompts are
+drawable again with the posterior they had (the value store only changes on a trained visit).
+
+Scope of this release: algorithm spo, one rank per model replica (tp = pp = 1, engine TP 1; data
+parallelism is fine), colocated (the engine and the actor share each rank); single-turn and the
+tool agent. `training.rollout_config.check_async` refuses the rest with one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import threading
+import time
+from typing import Any, Sequence
+
+import torch
+
+from megatron_spo.rollout.streaming import StreamRequest, open_stream
+from megatron_spo.rollout.types import SamplingParams
+from megatron_spo.training.rollouts import Prompt, Rollout, step_seed
+
+
+@dataclasses.dataclass(eq=False)
+class Trajectory:
+    """One prompt's trajectory, from its draw to its training (or drop)."""
+
+    prompt: Prompt
+    batch: int
+    """Index of the draw it came in (sync mode's step): with `position`, its sampling seed."""
+    position: int
+    """Position in that draw (sync mode's position in the step's global batch)."""
+    seed: int
+    response: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    mask: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str = ""
+    text: str | None = None
+    reward: float = 0.0
+    restarts: int = 0
+
+    @property
+    def version(self) -> int:
+        """The policy version that sampled its first token."""
+        return self.versions[0]
+
+
+class LockedScorer:
+    """The scoring pool shared by the grading thread and the main thread's evaluation."""
+
+    def __init__(self, pool):
+        self.pool, self._lock = pool, threading.Lock()
+
+    def score(self, responses, ground_truths):
+        with self._lock:
+            return self.pool.score(responses, ground_truths)
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class AsyncRollouts:
+    """This rank's stream, grader and buffer (see the module docstring). The main thread calls
+    `top_up`, `take`, `advance`, `paused`, `close`; the driver and grading threads do the rest."""
+
+    def __init__(self, engine, tokenizer, scorer: LockedScorer, *, sampling, config, seed: int,
+                 per_rank: int, dp: int, dp_rank: int, dp_group=None):
+        self.tokenizer, self.scorer, self.sampling, self.config = tokenizer, scorer, sampling, config
+        self.seed, self.per_rank, self.dp, self.dp_rank, self.dp_group = seed, per_rank, dp, dp_rank, dp_group
+        self.stream = open_stream(engine, config.max_inflight)
+        self.version = 0
+        self.draws = 0
+        """Draws made so far: the next one seeds as sync mode's step of that index."""
+        self.inflight_keys: set[int] = set()
+        """Prompts drawn by any rank and not yet trained or dropped (replicated)."""
+        self._buffer: list[Trajectory] = []
+        self._grading = 0
+        self._released: list[int] = []
+        self.counts: collections.Counter = collections.Counter()
+        self._cv = threading.Condition()
+        self._pause_requests = 0
+        self._parked = False
+        self._stop = False
+        self._error: BaseException | None = None
+        self._grader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async-grader")
+        self._driver = threading.Thread(target=self._drive, name="async-rollout", daemon=True)
+        self._driver.start()
+
+    # ------------------------------------------------------------------ driver and grading threads
+
+    def _drive(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and (self._pause_requests or self.stream.idle):
+                        self._parked = True
+                        self._cv.notify_all()
+                        self._cv.wait()
+                    self._parked = False
+                    if self._stop:
+                        return
+                before = self.stream.refills
+                results = self.stream.step()
+                with self._cv:
+                    self.counts["refills"] += self.stream.refills - before
+                    if results:
+                        self._grading += len(results)
+                if results:
+                    self._grader.submit(self._grade, results)
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread by `take`
+            with self._cv:
+                self._error, self._parked = err, True
+                self._cv.notify_all()
+
+    def _grade(self, results) -> None:
+        try:
+            trajectories = []
+            for result in results:
+                t: Trajectory = result.tag
+                c = result.completion
+                t.response, t.logprobs, t.versions = list(c.token_ids), list(c.logprobs), list(result.token_versions)
+                t.mask, t.finish_reason = [1] * len(c.token_ids), c.finish_reason
+                t.text = c.text if c.text is not None else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                trajectories.append(t)
+            scored = self.scorer.score([t.text for t in trajectories], [t.prompt.answer for t in trajectories])
+            with self._cv:
+                self.counts["generated_tokens"] += sum(len(t.response) for t in trajectories)
+                for i, t in enumerate(trajectories):
+                    if i in scored.failure_messages:
+                        self.counts["dropped_grader"] += 1
+                        self._release(t)
+                    else:
+                        t.reward = float(scored.scores[i])
+                        self._buffer.append(t)
+                self._grading -= len(results)
+                self._cv.notify_all()
+        except BaseException as err:  # noqa: BLE001
+            with self._cv:
+                self._error = err
+                self._cv.notify_all()
+
+    def _release(self, t: Trajectory) -> None:
+        self._released.append(t.prompt.key)
+
+    # ------------------------------------------------------------------ main thread
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The driver parked between two decoding steps: the stream and the engine are the
+        caller's (weight loads, submissions, evaluation)."""
+        with self._cv:
+            self._pause_requests += 1
+            while not self._parked and self._error is None:
+                self._cv.wait()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._pause_requests -= 1
+                self._cv.notify_all()
+
+    def outstanding(self) -> int:
+        """This rank's trajectories drawn and not yet taken or dropped."""
+        with self._cv:
+            return len(self._buffer) + self._grading + self.stream.num_queued + self.stream.num_inflight
+
+    def top_up(self, algorithm, order, prompts_by_key: dict[int, Prompt]) -> None:
+        """Draw prompts so every rank has (max_staleness + 1) batches outstanding (collective):
+        the algorithm draws from the data order, skipping prompts in flight, at most one batch
+        a draw, and position i of a draw goes to the ranks in turn (sync mode's split)."""
+        self._share_released()
+        deficit = (self.config.max_staleness + 1) * self.per_rank - self.outstanding()
+        deficits = self._all_gather_ints([max(deficit, 0)])
+        mine: list[Trajectory] = []
+        while sum(deficits):
+            count = min(sum(deficits), self.per_rank * self.dp)
+            chosen = algorithm.choose_async_prompts(order, count, exclude=self.inflight_keys)
+            for position, rank in enumerate(_deal(deficits, len(chosen))):
+                p = chosen[position]
+                self.inflight_keys.add(p.key)
+                deficits[rank] -= 1
+                if rank == self.dp_rank:
+                    mine.append(Trajectory(prompt=p, batch=self.draws, position=position,
+                                           seed=step_seed(self.seed, self.draws, position)))
+            self.draws += 1
+            if not chosen:
+                break
+        if mine:
+            with self.paused():
+                self.stream.submit([self._request(t) for t in mine])
+
+    def _request(self, t: Trajectory) -> StreamRequest:
+        s = self.sampling
+        return StreamRequest(tag=t, prompt_token_ids=t.prompt.token_ids, params=SamplingParams(
+            n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=t.seed))
+
+    def take(self) -> tuple[list[Trajectory], float]:
+        """This rank's `per_rank` trajectories for the step, oldest draw first (and the seconds
+        waited); fewer only when nothing else is outstanding. Stale ones are dropped here."""
+        started = time.perf_counter()
+        oldest = self.version - self.config.max_staleness
+        with self._cv:
+            while True:
+                if self._error is not None:
+                    raise RuntimeError(f"async rollout failed: {self._error!r}") from self._error
+                for t in [t for t in self._buffer if t.version < oldest]:
+                    self._buffer.remove(t)
+                    self.counts["dropped_stale"] += 1
+                    self._release(t)
+                busy = self._grading or self.stream.num_queued or self.stream.num_inflight
+                if len(self._buffer) >= self.per_rank or not busy:
+                    break
+                self._cv.wait()
+            taken, self._buffer = self._buffer[: self.per_rank], self._buffer[self.per_rank :]
+        for t in taken:
+            self._release(t)
+        taken.sort(key=lambda t: (t.batch, t.position))
+        return taken, time.perf_counter() - started
+
+    def advance(self, load_weights) -> None:
+        """After the update: the new weights into the engine, the version up; without partial
+        rollouts the in-flight sequences start again from their prompt."""
+        with self.paused():
+            load_weights()
+            self.version += 1
+            self.stream.version = self.version
+            if not self.config.partial_rollout:
+                restarted = self.stream.abort()
+                for request in restarted:
+                    request.tag.restarts += 1
+                self.counts["restarted"] += len(restarted)
+                queued = self.stream.clear_queue()
+                self.stream.submit(restarted + queued)
+        self._share_released()  # every rank learns what this step trained (collective)
+
+    def rollout_of(self, taken: Sequence[Trajectory], prompts_by_key: dict[int, Prompt]):
+        """(this rank's Rollout, the step's global prompt list): positions are dealt to the ranks
+        in turn over the trajectories each rank took (sync mode's d, d + dp, ... when all took a
+        full share), so every rank knows every position's prompt (collective)."""
+        keys = self._all_gather_lists([t.prompt.key for t in taken])
+        positions, global_keys = {}, []
+        for j in range(max(len(k) for k in keys)):
+            for rank, rank_keys in enumerate(keys):
+                if j < len(rank_keys):
+                    if rank == self.dp_rank:
+                        positions[j] = len(global_keys)
+                    global_keys.append(rank_keys[j])
+        rollout = Rollout()
+        for j, t in enumerate(taken):
+            rollout.add(positions[j], t.prompt, t.prompt.token_ids, t.response, t.mask, t.logprobs, t.reward)
+            rollout.generated_tokens += len(t.response)
+        rollout.episode_rewards = list(rollout.rewards)
+        rollout.episode_index = list(rollout.prompt_index)
+        return rollout, [prompts_by_key[k] for k in global_keys]
+
+    def take_counts(self) -> dict[str, float]:
+        with self._cv:
+            counts, self.counts = dict(self.counts), collections.Counter()
+            inflight = len(self._buffer) + self._grading + self.stream.num_queued + self.stream.num_inflight
+        return {**counts, "outstanding": float(inflight)}
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._driver.join(timeout=60)
+        self._grader.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ collectives over DP
+
+    def _share_released(self) -> None:
+        """Every rank learns which prompts the others trained or dropped since the last draw."""
+        with self._cv:
+            released, self._released = self._released, []
+        for keys in self._all_gather_lists(released):
+            self.inflight_keys.difference_update(keys)
+
+    def _all_gather_lists(self, values: list[int]) -> list[list[int]]:
+        if self.dp == 1:
+            return [list(values)]
+        out: list[Any] = [None] * self.dp
+        torch.distributed.all_gather_object(out, list(values), group=self.dp_group)
+        return out
+
+    def _all_gather_ints(self, values: list[int]) -> list[int]:
+        return [v for part in self._all_gather_lists(values) for v in part]
+
+
+def _deal(deficits: Sequence[int], count: int) -> list[int]:
+    """The rank of each of `count` positions: the ranks in turn, skipping ranks already full
+    (equal deficits: position i -> rank i % dp, sync mode's split)."""
+    left, out, rank = list(deficits), [], 0
+    while len(out) < count and sum(left):
+        if left[rank]:
+            out.append(rank)
+            left[rank] -= 1
+        rank = (rank + 1) % len(left)
+    return out
+
+
+def behaviour_weights(old: torch.Tensor, behaviour: torch.Tensor, stale: torch.Tensor, mode: str,
+                      cap: float) -> torch.Tensor:
+    """Importance weight of each token (all (N, T - 1)): on `stale` tokens (sampled by an older
+    policy than the proximal one) pi_old / pi_behaviour = exp(old - behaviour), truncated at `cap`
+    for `tis`, as is for `decoupled`, 1 for `none`; exactly 1 on every other token."""
+    if mode == "none":
+        return torch.ones_like(old)
+    ratio = torch.exp((old - behaviour).clamp(max=30.0))
+    if mode == "tis":
+        ratio = ratio.clamp(max=cap)
+    return torch.where(stale, ratio, torch.ones_like(ratio))
