@@ -109,7 +109,7 @@ class AgentTask:
 
 
 @dataclasses.dataclass(kw_only=True)
-class _Trajectory:
+class AgentTrajectory:
     task: AgentTask
     state: State = State.PENDING
     response_ids: list[int] = dataclasses.field(default_factory=list)
@@ -181,7 +181,7 @@ class AgentLoop:
 
     def run(self, tasks: Sequence[AgentTask]) -> list[Sample]:
         """Roll out every task to completion; Samples come back in task order."""
-        trajectories = [_Trajectory(task=task) for task in tasks]
+        trajectories = [AgentTrajectory(task=task) for task in tasks]
         with concurrent.futures.ThreadPoolExecutor(self.config.max_concurrent_tools,
                                                    thread_name_prefix="agent-tools") as tools:
             for trajectory in trajectories:
@@ -195,49 +195,54 @@ class AgentLoop:
                     concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for trajectory in trajectories:
                     if trajectory.state is State.PROCESSING_TOOLS and all(f.done() for f in trajectory.pending_tools):
-                        self._append_tool_outputs(trajectory)
-        return [self._to_sample(t) for t in trajectories]
+                        self.append_tool_outputs(trajectory)
+        return [self.to_sample(t) for t in trajectories]
 
     # -- states ----------------------------------------------------------------------------------
 
-    def _generate_turn(self, batch: list[_Trajectory], tools: concurrent.futures.Executor) -> None:
-        requests = [
-            GenerationRequest(
-                prompt_token_ids=t.task.prompt_token_ids + t.response_ids,
-                params=SamplingParams(
-                    temperature=self.config.temperature,
-                    top_p=self.config.top_p,
-                    max_tokens=self.config.max_response_length - len(t.response_ids),
-                    stop=list(self.config.tool_call_stop),
-                    seed=None if t.task.seed is None else t.task.seed + 7919 * t.turns,
-                ),
-                request_id=f"{t.task.prompt_key}/turn{t.turns}",
-            )
-            for t in batch
-        ]
-        results = self.engine.generate(requests)
+    def _generate_turn(self, batch: list[AgentTrajectory], tools: concurrent.futures.Executor) -> None:
+        results = self.engine.generate([self.turn_request(t) for t in batch])
         for trajectory, result in zip(batch, results):
-            completion = result.completions[0]
-            trajectory.extend(completion.token_ids, completion.logprobs, mask_value=1)
-            trajectory.turns += 1
-            if len(trajectory.response_ids) >= self.config.max_response_length:
-                trajectory.terminate("length", finish_reason="length")
-                continue
-            turn_text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-            blocks = parse_code_blocks(turn_text)
-            if not blocks:
-                trajectory.terminate("no_tool_call", finish_reason=completion.finish_reason)
-            elif trajectory.turns >= self.config.max_turns:
-                trajectory.terminate("max_turns", finish_reason=completion.finish_reason)
-            else:
-                trajectory.state = State.PROCESSING_TOOLS
-                trajectory.pending_tools = [tools.submit(self._timed_tool, code) for code in blocks]
+            self.after_turn(trajectory, result.completions[0], tools)
+
+    def turn_request(self, t: AgentTrajectory) -> GenerationRequest:
+        """The next assistant turn of `t`: continued from its token-id prefix, stopping at a tool
+        call or the remaining response budget (also what the async stream submits)."""
+        return GenerationRequest(
+            prompt_token_ids=t.task.prompt_token_ids + t.response_ids,
+            params=SamplingParams(
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+                max_tokens=self.config.max_response_length - len(t.response_ids),
+                stop=list(self.config.tool_call_stop),
+                seed=None if t.task.seed is None else t.task.seed + 7919 * t.turns,
+            ),
+            request_id=f"{t.task.prompt_key}/turn{t.turns}",
+        )
+
+    def after_turn(self, trajectory: AgentTrajectory, completion, tools: concurrent.futures.Executor) -> None:
+        """Append a finished turn; terminate, or start its code blocks in the sandbox (`tools`)."""
+        trajectory.extend(completion.token_ids, completion.logprobs, mask_value=1)
+        trajectory.turns += 1
+        if len(trajectory.response_ids) >= self.config.max_response_length:
+            trajectory.terminate("length", finish_reason="length")
+            return
+        turn_text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        blocks = parse_code_blocks(turn_text)
+        if not blocks:
+            trajectory.terminate("no_tool_call", finish_reason=completion.finish_reason)
+        elif trajectory.turns >= self.config.max_turns:
+            trajectory.terminate("max_turns", finish_reason=completion.finish_reason)
+        else:
+            trajectory.state = State.PROCESSING_TOOLS
+            trajectory.pending_tools = [tools.submit(self._timed_tool, code) for code in blocks]
 
     def _timed_tool(self, code: str) -> tuple[SandboxResult, float]:
         started = time.monotonic()
         return self.tool_runner(code), time.monotonic() - started
 
-    def _append_tool_outputs(self, trajectory: _Trajectory) -> None:
+    def append_tool_outputs(self, trajectory: AgentTrajectory) -> None:
+        """The finished tools' outputs (mask 0); the trajectory generates again or ends by length."""
         tool_ids: list[int] = []
         for future in trajectory.pending_tools:  # block order, whatever order they finished in
             result, elapsed_s = future.result()
@@ -254,7 +259,7 @@ class AgentLoop:
         trajectory.extend(tool_ids, [0.0] * len(tool_ids), mask_value=0)
         trajectory.state = State.GENERATING
 
-    def _to_sample(self, trajectory: _Trajectory) -> Sample:
+    def to_sample(self, trajectory: AgentTrajectory) -> Sample:
         task = trajectory.task
         return Sample(
             prompt_key=task.prompt_key,

@@ -17,7 +17,11 @@
 - Weights: one `collective_rpc("reload_weights", kwargs={"weights_iterator": stream})` per sync,
   pulling the bridge's buckets lazily (vLLM's in-place reload, a whole-model pass that also re-runs
   its kernel repacking, so it works on CPU where `load_weights` on the repacked model does not),
-  then `reset_prefix_cache()` so no cached KV of the old weights is reused.
+  then `reset_prefix_cache()` so no cached KV of the old weights is reused (vLLM does it only
+  when no request holds KV blocks: with a stream's sequences in flight it is deferred, see
+  `vllm_stream`).
+- Streaming: `open_stream` gives `vllm_stream.VLLMStream`, continuous batching on vLLM's own
+  scheduler; `generate` is refused while that stream has sequences in flight.
 - Sampling: vLLM's own; logprobs are requested with `logprobs_mode="processed_logprobs"`, i.e.
   under the distribution actually sampled from (temperature, top-k, top-p applied), the same
   contract as the `hf` engine; stop strings are kept in the output
@@ -132,56 +136,85 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._asleep_tags: set[str] = set()  # what sleep() released and wake_up() has not regained
+        self._stream = None  # the VLLMStream of open_stream, the only one that may step self.llm
+        self._weights_epoch = 0  # weight updates so far: the stream's prefix-cache salt
+        self._prefix_cache_stale = False  # a prefix-cache reset update_weights could not do yet
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first")
+        if self._stream is not None and self._stream.num_inflight:
+            # LLM.generate steps the engine until no request is left, the stream's included
+            raise RuntimeError("VLLMEngine.generate called while a stream has sequences in flight; "
+                               "abort() them or step the stream until it is idle")
         if not requests:
             return []
+        self._flush_stale_prefix_cache()
         prompts = []
         params = []
         for index, request in enumerate(requests):
             prompt = list(request.prompt_token_ids)
-            if not prompt:
-                raise ValueError(f"request {index}: empty prompt_token_ids")
-            if len(prompt) >= self.max_model_len:
-                raise ValueError(
-                    f"request {index}: prompt of {len(prompt)} tokens leaves no room in the context "
-                    f"length {self.max_model_len}"
-                )
-            p = request.params
+            self._check_prompt(f"request {index}", prompt)
             prompts.append({"prompt_token_ids": prompt})
-            params.append(
-                self._vllm.SamplingParams(
-                    n=p.n,
-                    temperature=p.temperature,
-                    top_p=p.top_p,
-                    top_k=p.top_k if p.top_k > 0 else 0,
-                    # the hf engine's rule: a sample also ends at the context length ("length")
-                    max_tokens=min(p.max_tokens, self.max_model_len - len(prompt)),
-                    stop_token_ids=list(p.stop_token_ids),
-                    stop=list(p.stop),
-                    include_stop_str_in_output=True,
-                    seed=p.seed,
-                    logprobs=0,  # the sampled token's logprob only
-                )
-            )
+            params.append(self._sampling_params(request.params, len(prompt)))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for request, output in zip(requests, outputs):
-            completions = []
-            for sample in sorted(output.outputs, key=lambda o: o.index):
-                token_ids = list(sample.token_ids)
-                logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, token_ids)]
-                if sample.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM ended a sample with finish reason {sample.finish_reason!r}")
-                completions.append(
-                    Completion(
-                        token_ids=token_ids, logprobs=logprobs, finish_reason=sample.finish_reason, text=sample.text
-                    )
-                )
-            results.append(GenerationResult(request=request, completions=completions))
-        return results
+        return [
+            GenerationResult(request=request,
+                             completions=[self._completion(s) for s in sorted(output.outputs, key=lambda o: o.index)])
+            for request, output in zip(requests, outputs)
+        ]
+
+    def _check_prompt(self, label: str, prompt: list[int]) -> None:
+        """Refuse an empty prompt or one that leaves no room for a new token."""
+        if not prompt:
+            raise ValueError(f"{label}: empty prompt_token_ids")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"{label}: prompt of {len(prompt)} tokens leaves no room in the context "
+                f"length {self.max_model_len}"
+            )
+
+    def _sampling_params(self, p, prompt_len: int):
+        """vLLM's `SamplingParams` for our `SamplingParams` `p` on a prompt of `prompt_len` tokens."""
+        return self._vllm.SamplingParams(
+            n=p.n,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k if p.top_k > 0 else 0,
+            # the hf engine's rule: a sample also ends at the context length ("length")
+            max_tokens=min(p.max_tokens, self.max_model_len - prompt_len),
+            stop_token_ids=list(p.stop_token_ids),
+            stop=list(p.stop),
+            include_stop_str_in_output=True,
+            seed=p.seed,
+            logprobs=0,  # the sampled token's logprob only
+        )
+
+    @staticmethod
+    def _completion(sample) -> Completion:
+        """Our `Completion` from a finished vLLM `CompletionOutput`."""
+        token_ids = list(sample.token_ids)
+        logprobs = [float(step[token].logprob) for step, token in zip(sample.logprobs, token_ids)]
+        if sample.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM ended a sample with finish reason {sample.finish_reason!r}")
+        return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=sample.finish_reason, text=sample.text)
+
+    def open_stream(self, max_inflight: int):
+        """Continuous batching on vLLM's own scheduler (`vllm_stream.VLLMStream`), the
+        per-sequence results of `generate`. Replaces this engine's previous stream, which must
+        have no sequence in flight (both would step the same vLLM engine)."""
+        from megatron_spo.rollout.vllm_stream import VLLMStream
+
+        if self._stream is not None and self._stream.num_inflight:
+            raise RuntimeError("VLLMEngine.open_stream: the engine's current stream still has sequences "
+                               "in flight; abort() them or step it until it is idle")
+        self._stream = VLLMStream(self, max_inflight)
+        return self._stream
+
+    def _flush_stale_prefix_cache(self) -> None:
+        """The prefix-cache reset `update_weights` deferred, once no request holds KV blocks."""
+        if self._prefix_cache_stale and self.llm.reset_prefix_cache():
+            self._prefix_cache_stale = False
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Reload HF-named full tensors in place: ONE vLLM `reload_weights` (a whole-model reload)
@@ -194,7 +227,14 @@ class VLLMEngine(RolloutEngine):
             return
         # the engine core runs in this process, so the iterator itself reaches the worker
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": itertools.chain([first], weights)})
-        self.llm.reset_prefix_cache()
+        self._weights_epoch += 1
+        if self._stream is not None and self._stream.num_inflight:
+            # vLLM resets the prefix cache only when no request holds KV blocks (else it logs a
+            # warning and does nothing); deferred to the next idle moment, and the stream salts
+            # its prompts with `_weights_epoch` so none hits a block cached under older weights
+            self._prefix_cache_stale = True
+        else:
+            self._prefix_cache_stale = not self.llm.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:
         """vLLM's sleep where sleep mode is on (GPU with `enable_sleep_mode`): level 1 offloads

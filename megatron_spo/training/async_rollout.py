@@ -80,6 +80,10 @@ class Trajectory:
     text: str | None = None
     reward: float = 0.0
     restarts: int = 0
+    agent_state: Any = None
+    """The tool agent's `AgentTrajectory` (rollout.agent=tool), else None."""
+    restart_pending: bool = False
+    """Its tools were running when the weights changed (partial rollouts off): start again."""
 
     @property
     def version(self) -> int:
@@ -106,8 +110,10 @@ class AsyncRollouts:
     `top_up`, `take`, `advance`, `paused`, `close`; the driver and grading threads do the rest."""
 
     def __init__(self, engine, tokenizer, scorer: LockedScorer, *, sampling, config, seed: int,
-                 per_rank: int, dp: int, dp_rank: int, dp_group=None):
+                 per_rank: int, dp: int, dp_rank: int, dp_group=None, agent=None):
         self.tokenizer, self.scorer, self.sampling, self.config = tokenizer, scorer, sampling, config
+        self.agent = agent
+        """The tool agent (`rollout.agent_loop.AgentLoop`), or None for single-turn."""
         self.seed, self.per_rank, self.dp, self.dp_rank, self.dp_group = seed, per_rank, dp, dp_rank, dp_group
         self.stream = open_stream(engine, config.max_inflight)
         self.version = 0
@@ -117,11 +123,16 @@ class AsyncRollouts:
         """Prompts drawn by any rank and not yet trained or dropped (replicated)."""
         self._buffer: list[Trajectory] = []
         self._grading = 0
+        self._ready: list[Trajectory] = []  # tool agent: tools done, next turn not yet queued
+        self._tooling: set[Trajectory] = set()  # tool agent: tools running
+        self._tools = None if agent is None else concurrent.futures.ThreadPoolExecutor(
+            agent.config.max_concurrent_tools, thread_name_prefix="async-tools")
         self._released: list[int] = []
         self.counts: collections.Counter = collections.Counter()
         self._cv = threading.Condition()
         self._pause_requests = 0
         self._parked = False
+        self._stepping = False
         self._stop = False
         self._error: BaseException | None = None
         self._grader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async-grader")
@@ -134,39 +145,119 @@ class AsyncRollouts:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and (self._pause_requests or self.stream.idle):
+                    while not self._stop and (self._pause_requests or (self.stream.idle and not self._ready)):
                         self._parked = True
                         self._cv.notify_all()
                         self._cv.wait()
                     self._parked = False
                     if self._stop:
                         return
+                    self._stepping = True  # busy until the finished ones are counted as grading
+                    # queued under the lock: `take` never sees a trajectory in neither place
+                    self.stream.submit([self._request(t) for t in self._ready])
+                    self._ready = []
                 before = self.stream.refills
-                results = self.stream.step()
+                done = self._collect(self.stream.step())
                 with self._cv:
                     self.counts["refills"] += self.stream.refills - before
-                    if results:
-                        self._grading += len(results)
-                if results:
-                    self._grader.submit(self._grade, results)
+                    self._grading += len(done)
+                    self._stepping = False
+                if done:
+                    self._grader.submit(self._grade, done)
         except BaseException as err:  # noqa: BLE001 - handed to the main thread by `take`
-            with self._cv:
-                self._error, self._parked = err, True
-                self._cv.notify_all()
+            self._fail(err)
 
-    def _grade(self, results) -> None:
-        try:
-            trajectories = []
-            for result in results:
-                t: Trajectory = result.tag
-                c = result.completion
+    def _fail(self, err: BaseException) -> None:
+        with self._cv:
+            self._error, self._parked = err, True
+            self._cv.notify_all()
+
+    def _collect(self, results) -> list[Trajectory]:
+        """Finished trajectories among the stream's results; a tool-agent turn with code instead
+        starts its tools, and the trajectory comes back when they are done (`_tools_done`)."""
+        done = []
+        for result in results:
+            t: Trajectory = result.tag
+            c = result.completion
+            if self.agent is None:
                 t.response, t.logprobs, t.versions = list(c.token_ids), list(c.logprobs), list(result.token_versions)
                 t.mask, t.finish_reason = [1] * len(c.token_ids), c.finish_reason
                 t.text = c.text if c.text is not None else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                trajectories.append(t)
+                done.append(t)
+                continue
+            t.versions += result.token_versions
+            self.agent.after_turn(t.agent_state, c, self._tools)
+            if t.agent_state.pending_tools:
+                self._wait_for_tools(t)
+            else:
+                self._finish_agent(t)
+                done.append(t)
+        return done
+
+    def _wait_for_tools(self, t: Trajectory) -> None:
+        futures = list(t.agent_state.pending_tools)
+        left = [len(futures)]
+        with self._cv:
+            self._tooling.add(t)
+
+        def one_done(_):
+            with self._cv:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._tools_done(t)
+
+        for future in futures:
+            future.add_done_callback(one_done)
+
+    def _tools_done(self, t: Trajectory) -> None:
+        """A tool thread: the outputs go into the trajectory, which generates its next turn,
+        ends, or (weights changed meanwhile, partial rollouts off) starts again."""
+        from megatron_spo.rollout.agent_loop import State
+
+        try:
+            state = t.agent_state
+            before = len(state.response_ids)
+            self.agent.append_tool_outputs(state)
+            t.versions += [t.versions[-1]] * (len(state.response_ids) - before)  # mask 0: no gradient
+            with self._cv:
+                self._tooling.discard(t)
+                if t.restart_pending:
+                    self._reset(t)
+                    self._ready.append(t)
+                elif state.state is State.TERMINATED:
+                    self._finish_agent(t)
+                    self._grading += 1
+                    self._grader.submit(self._grade, [t])
+                else:
+                    self._ready.append(t)
+                self._cv.notify_all()
+        except BaseException as err:  # noqa: BLE001
+            self._fail(err)
+
+    def _finish_agent(self, t: Trajectory) -> None:
+        sample = self.agent.to_sample(t.agent_state)
+        t.response, t.logprobs, t.mask = sample.response_token_ids, sample.response_logprobs, sample.response_mask
+        t.finish_reason, t.text = sample.finish_reason, sample.extra["model_text"]  # grade what the model wrote
+
+    def _reset(self, t: Trajectory) -> None:
+        """Start `t` again from its prompt (its tokens so far are discarded)."""
+        t.versions, t.restarts, t.restart_pending = [], t.restarts + 1, False
+        if self.agent is not None:
+            t.agent_state = self._new_agent_state(t)
+
+    def _new_agent_state(self, t: Trajectory):
+        from megatron_spo.rollout.agent_loop import AgentTask, AgentTrajectory, State
+
+        task = AgentTask(prompt_key=t.prompt.key, prompt_token_ids=t.prompt.token_ids, prompt_text=t.prompt.raw,
+                         ground_truth=t.prompt.answer, seed=t.seed)
+        return AgentTrajectory(task=task, state=State.GENERATING)
+
+    def _grade(self, trajectories: list[Trajectory]) -> None:
+        try:
             scored = self.scorer.score([t.text for t in trajectories], [t.prompt.answer for t in trajectories])
             with self._cv:
-                self.counts["generated_tokens"] += sum(len(t.response) for t in trajectories)
+                self.counts["generated_tokens"] += sum(sum(t.mask) for t in trajectories)
                 for i, t in enumerate(trajectories):
                     if i in scored.failure_messages:
                         self.counts["dropped_grader"] += 1
@@ -174,12 +265,10 @@ class AsyncRollouts:
                     else:
                         t.reward = float(scored.scores[i])
                         self._buffer.append(t)
-                self._grading -= len(results)
+                self._grading -= len(trajectories)
                 self._cv.notify_all()
         except BaseException as err:  # noqa: BLE001
-            with self._cv:
-                self._error = err
-                self._cv.notify_all()
+            self._fail(err)
 
     def _release(self, t: Trajectory) -> None:
         self._released.append(t.prompt.key)
@@ -204,14 +293,16 @@ class AsyncRollouts:
     def outstanding(self) -> int:
         """This rank's trajectories drawn and not yet taken or dropped."""
         with self._cv:
-            return len(self._buffer) + self._grading + self.stream.num_queued + self.stream.num_inflight
+            return (len(self._buffer) + self._grading + len(self._ready) + len(self._tooling) + self.stream.num_queued
+                    + self.stream.num_inflight)
 
     def top_up(self, algorithm, order, prompts_by_key: dict[int, Prompt]) -> None:
         """Draw prompts so every rank has (max_staleness + 1) batches outstanding (collective):
         the algorithm draws from the data order, skipping prompts in flight, at most one batch
         a draw, and position i of a draw goes to the ranks in turn (sync mode's split)."""
         self._share_released()
-        deficit = (self.config.max_staleness + 1) * self.per_rank - self.outstanding()
+        with self.paused():  # no trajectory between the stream and the grader while counting
+            deficit = (self.config.max_staleness + 1) * self.per_rank - self.outstanding()
         deficits = self._all_gather_ints([max(deficit, 0)])
         mine: list[Trajectory] = []
         while sum(deficits):
@@ -232,6 +323,11 @@ class AsyncRollouts:
                 self.stream.submit([self._request(t) for t in mine])
 
     def _request(self, t: Trajectory) -> StreamRequest:
+        if self.agent is not None:
+            if t.agent_state is None:
+                t.agent_state = self._new_agent_state(t)
+            turn = self.agent.turn_request(t.agent_state)
+            return StreamRequest(tag=t, prompt_token_ids=turn.prompt_token_ids, params=turn.params)
         s = self.sampling
         return StreamRequest(tag=t, prompt_token_ids=t.prompt.token_ids, params=SamplingParams(
             n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=t.seed))
@@ -249,7 +345,8 @@ class AsyncRollouts:
                     self._buffer.remove(t)
                     self.counts["dropped_stale"] += 1
                     self._release(t)
-                busy = self._grading or self.stream.num_queued or self.stream.num_inflight
+                busy = (self._stepping or self._grading or self._ready or self._tooling or self.stream.num_queued
+                        or self.stream.num_inflight)
                 if len(self._buffer) >= self.per_rank or not busy:
                     break
                 self._cv.wait()
@@ -267,13 +364,24 @@ class AsyncRollouts:
             self.version += 1
             self.stream.version = self.version
             if not self.config.partial_rollout:
-                restarted = self.stream.abort()
-                for request in restarted:
-                    request.tag.restarts += 1
-                self.counts["restarted"] += len(restarted)
-                queued = self.stream.clear_queue()
-                self.stream.submit(restarted + queued)
+                self._restart_in_flight()
         self._share_released()  # every rank learns what this step trained (collective)
+
+    def _restart_in_flight(self) -> None:
+        """Partial rollouts off: every trajectory with tokens of the old version starts again from
+        its prompt (the driver is parked); one whose tools are running restarts when they end."""
+        aborted = [r.tag for r in self.stream.abort()]
+        queued = [r.tag for r in self.stream.clear_queue()]
+        with self._cv:
+            queued += self._ready
+            self._ready = []
+            started = aborted + [t for t in queued if t.versions]
+            for t in started:
+                self._reset(t)
+            for t in self._tooling:
+                t.restart_pending = True
+            self.counts["restarted"] += len(started) + len(self._tooling)
+        self.stream.submit([self._request(t) for t in aborted + queued])
 
     def rollout_of(self, taken: Sequence[Trajectory], prompts_by_key: dict[int, Prompt]):
         """(this rank's Rollout, the step's global prompt list): positions are dealt to the ranks
@@ -298,14 +406,16 @@ class AsyncRollouts:
     def take_counts(self) -> dict[str, float]:
         with self._cv:
             counts, self.counts = dict(self.counts), collections.Counter()
-            inflight = len(self._buffer) + self._grading + self.stream.num_queued + self.stream.num_inflight
-        return {**counts, "outstanding": float(inflight)}
+            outstanding = self.outstanding()
+        return {**counts, "outstanding": float(outstanding)}
 
     def close(self) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
         self._driver.join(timeout=60)
+        if self._tools is not None:
+            self._tools.shutdown(wait=True, cancel_futures=True)
         self._grader.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ collectives over DP

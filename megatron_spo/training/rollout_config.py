@@ -111,9 +111,6 @@ def check_async(config) -> None:
     if config.parallel.tp != 1 or config.parallel.pp != 1 or r.engine.tensor_parallel_size != 1:
         raise UserError("rollout.mode=async: each rank streams its own trajectories, so it needs parallel.tp=1, "
                         "parallel.pp=1 and rollout.engine.tensor_parallel_size=1 (data parallelism is fine)")
-    if r.agent != "single_turn":
-        raise UserError("rollout.mode=async: the tool agent does not stream yet; use rollout.agent=single_turn "
-                        "or rollout.mode=sync")
     if r.offload_actor or r.engine.enable_sleep_mode:
         raise UserError("rollout.mode=async: the engine generates while the actor trains, so neither can give its "
                         "memory to the other: set rollout.offload_actor=false and rollout.engine.enable_sleep_mode=false")

@@ -307,9 +307,15 @@ class Trainer:
         self._load_engine_weights(self.actor.export_hf())
         self.scorer = LockedScorer(self.scorer)
         self._prompts_by_key = {p.key: p for p in self.prompts}
+        agent = None
+        if self.algorithm.agent is not None:
+            from megatron_spo.rollout.agent_loop import AgentLoop
+
+            agent = AgentLoop(self.engine, self.tokenizer, self.algorithm.agent)
         return AsyncRollouts(self.engine, self.tokenizer, self.scorer, sampling=self.algorithm.sampling,
                              config=cfg.rollout, seed=cfg.seed, per_rank=cfg.batch.train_batch_size // self.dp,
-                             dp=self.dp, dp_rank=par.dp_rank, dp_group=par.host_dp_group if self.dp > 1 else None)
+                             dp=self.dp, dp_rank=par.dp_rank, dp_group=par.host_dp_group if self.dp > 1 else None,
+                             agent=agent)
 
     def _take_async(self):
         """(trajectories, this rank's Rollout of them, the step's global prompts, seconds waited)."""

@@ -20,6 +20,8 @@ class ScriptedToolEngine:
     """Wraps the real engine (weight sync still goes to it) and answers like a tool-using model:
     first turn writes code, the turn after the interpreter's output writes the boxed answer."""
 
+    open_stream = None  # not the wrapped engine's stream: async mode streams through `generate` here
+
     def __init__(self, engine, tokenizer):
         self.engine, self.tokenizer = engine, tokenizer
 
@@ -87,14 +89,15 @@ def _tool_agent_step(rank, world_size, config):
             "metrics": metrics}
 
 
-def test_tool_agent_loop_masks_interpreter_output_and_trains(spawn, tmp_path):
+@pytest.mark.parametrize("algorithm,mode,n", [("grpo", "sync", 2), ("spo", "async", 1)])
+def test_tool_agent_loop_masks_interpreter_output_and_trains(spawn, tmp_path, algorithm, mode, n):
     base = tiny_train_setup(tmp_path)
     data = tmp_path / "answer42.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is 6 times 7? ({i})", "answer": "42"}) + "\n" for i in range(8)))
     config = merge(base, {
-        "run_dir": str(tmp_path / "run"), "total_steps": 1, "algorithm": {"name": "grpo"},
+        "run_dir": str(tmp_path / "run"), "total_steps": 1, "algorithm": {"name": algorithm, "spo": {"gen_batch_size": 8}},
         "data": {"train_files": [str(data)]},
-        "rollout": {"agent": "tool", "n": 2, "max_response_tokens": 200, "max_assistant_turns": 3,
+        "rollout": {"agent": "tool", "n": n, "max_response_tokens": 200, "max_assistant_turns": 3, "mode": mode,
                     "reward": {"pool": "inline", "function": "megatron_spo.rollout.rewards:math_reward"}},
         "batch": {"train_batch_size": 2, "mini_batch_size": 2},
     })
@@ -102,7 +105,7 @@ def test_tool_agent_loop_masks_interpreter_output_and_trains(spawn, tmp_path):
     assert all("<interpreter>" in t and "42" in t for t in out["tool_text"]), out["tool_text"]
     assert all("\\boxed{42}" in t and "<interpreter>" not in t for t in out["model_text"])
     assert out["mask_ok"], "the response mask of the training sequences does not follow the agent's mask"
-    assert out["rewards"] == [1.0] * 4  # graded on what the model wrote
+    assert out["rewards"] == [1.0] * 2 * n  # graded on what the model wrote
     assert out["metrics"]["reward/mean"] == 1.0
 
 

@@ -273,8 +273,54 @@ def test_async_mode_refuses_what_it_does_not_support(tmp_path):
     for extra, words in [({"algorithm": {"name": "grpo"}, "rollout": {"mode": "async", "n": 2}}, "does not stream"),
                          ({"parallel": {"tp": 2}}, "parallel.tp=1"),
                          ({"rollout": {"mode": "async", "offload_actor": True}}, "offload_actor=false"),
-                         ({"rollout": {"mode": "async", "agent": "tool"}}, "tool agent"),
                          ({"algorithm": {"spo": {"gen_batch_size": 4}}}, "gen_batch_size")]:
         cfg = {**base, **extra}
         with pytest.raises(UserError, match=words):
             from_dict(TrainConfig, cfg)
+
+
+def test_tool_trajectory_waiting_on_its_sandbox_does_not_block_the_others(tmp_path):
+    """A's code runs until B has finished both its tool turns and its answer: the stream keeps
+    generating (and B reaches the buffer) while A's sandbox is busy."""
+    from test_agent_loop import EOS, ScriptedEngine, code
+    from tiny_models import make_tiny_tokenizer
+
+    from megatron_spo.rollout.agent_loop import AgentLoop, AgentLoopConfig
+    from megatron_spo.rollout.sandbox import SandboxResult
+
+    tokenizer = make_tiny_tokenizer(tmp_path)
+    engine = ScriptedEngine(tokenizer, {"A: ": [code("slow"), "A done" + EOS],
+                                        "B: ": [code("1"), code("2"), "B done" + EOS],
+                                        "C: ": ["C done" + EOS]})
+    prompts = [Prompt(key=i, raw=p, token_ids=tokenizer.encode(p, add_special_tokens=False), answer="42")
+               for i, p in enumerate(["A: ", "B: ", "C: "])]
+    source = None
+
+    def tool_runner(code_text: str) -> SandboxResult:
+        if "slow" in code_text:
+            _wait(lambda: any(t.prompt.key == 1 for t in source._buffer))
+            return SandboxResult(stdout="slow done", stderr="", exit_code=0, timed_out=False)
+        return SandboxResult(stdout="fast", stderr="", exit_code=0, timed_out=False)
+
+    class Draw:
+        def choose_async_prompts(self, order, count, *, exclude):
+            return prompts[:count]
+
+    config = RolloutConfig(mode="async", max_inflight=4)
+    source = AsyncRollouts(engine, tokenizer=tokenizer,
+                           scorer=LockedScorer(Scorer()), sampling=Sampling(temperature=1.0, top_p=1.0, top_k=-1,
+                                                                             max_tokens=200),
+                           config=config, seed=0, per_rank=3, dp=1, dp_rank=0,
+                           agent=AgentLoop(engine, tokenizer, AgentLoopConfig(), tool_runner=tool_runner))
+    try:
+        source.top_up(Draw(), None, {})
+        taken, _ = source.take()
+        by_key = {t.prompt.key: t for t in taken}
+        assert set(by_key) == {0, 1, 2}
+        assert "slow done" in tokenizer.decode(by_key[0].response) and by_key[0].text.endswith("A done")
+        assert tokenizer.decode(by_key[1].response).count("<interpreter>") == 2
+        for t in taken:  # tool output carries no gradient; every token has a version
+            assert len(t.mask) == len(t.response) == len(t.logprobs) == len(t.versions)
+            assert "<interpreter>" not in t.text
+    finally:
+        source.close()
