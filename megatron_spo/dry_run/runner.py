@@ -16,6 +16,7 @@ those of the configured run; only host-side bookkeeping is smaller.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -91,6 +92,13 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
     if spo.get("offline_values"):
         notes.append(f"algorithm.spo.offline_values ({spo['offline_values']}) not read: every prompt starts at the prior")
         spo["offline_values"] = None
+    rollout = _section(data, "rollout")
+    if rollout.get("mode") == "async":
+        from_dict(TrainConfig, copy.deepcopy(data), where=f"config {config_path!r}")  # async's own refusals first
+        notes.append("rollout.mode=async: planned as the synchronous step; the plan does not hold the stream's KV "
+                     "cache resident during the actor update, so leave room for both (max_inflight, "
+                     "gpu_memory_utilization)")
+        rollout["mode"] = "sync"
     data["run_dir"] = str(workdir / "run")
     data.setdefault("logging", {}).update({"tensorboard": False, "wandb": False, "progress_bar": False})
     cfg = from_dict(TrainConfig, data, where=f"config {config_path!r} (dry run)")

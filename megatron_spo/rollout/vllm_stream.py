@@ -112,7 +112,8 @@ class VLLMStream(EngineStream):
                 self._queue.appendleft(request)
                 raise
             self._running[request_id] = _Slot(request)
-            self.refills += refill
+            if refill:
+                self.refills += 1
 
     def _collect(self, outputs) -> list[StreamResult]:
         """Tag each running sequence's new tokens with `version`; return the finished ones."""

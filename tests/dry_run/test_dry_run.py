@@ -252,3 +252,17 @@ def test_every_algorithm_passes_the_dry_run(tiny, tmp_path, algorithm, extra):
     roles = json.loads(report.read_text())["roles"]
     assert all(r["metrics"]["rollout/train_sequences"] > 0 for r in roles)
     assert all(r["phases"]["actor update (forward + backward + optimizer)"]["calls"] >= 1 for r in roles)
+
+
+def test_an_async_config_is_planned_as_the_synchronous_step_and_says_so(tiny, tmp_path):
+    config, _ = tiny
+    from megatron_spo.dry_run.runner import prepare_config
+
+    one_rank_replicas = ["parallel.tp=1", "parallel.pp=1", "rollout.engine.tensor_parallel_size=1"]
+    cfg, data, notes = prepare_config(str(config), ["rollout.mode=async", *one_rank_replicas], tmp_path)
+    assert cfg.rollout.mode == "sync" and data["rollout"]["mode"] == "sync"
+    assert any(note.startswith("rollout.mode=async: planned as the synchronous step") for note in notes)
+    from megatron_spo.errors import UserError
+
+    with pytest.raises(UserError, match="parallel.tp=1"):  # what async mode refuses, the dry run refuses
+        prepare_config(str(config), ["rollout.mode=async", "parallel.tp=2"], tmp_path)
