@@ -21,7 +21,7 @@
   when no request holds KV blocks: with a stream's sequences in flight it is deferred, see
   `vllm_stream`).
 - Streaming: `open_stream` gives `vllm_stream.VLLMStream`, continuous batching on vLLM's own
-  scheduler; `generate` is refused while that stream has sequences in flight.
+  scheduler; `generate` while that stream has sequences in flight runs next to them.
 - Sampling: vLLM's own; logprobs are requested with `logprobs_mode="processed_logprobs"`, i.e.
   under the distribution actually sampled from (temperature, top-k, top-p applied), the same
   contract as the `hf` engine; stop strings are kept in the output
@@ -137,27 +137,30 @@ class VLLMEngine(RolloutEngine):
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._asleep_tags: set[str] = set()  # what sleep() released and wake_up() has not regained
         self._stream = None  # the VLLMStream of open_stream, the only one that may step self.llm
-        self._weights_epoch = 0  # weight updates so far: the stream's prefix-cache salt
+        self._weights_epoch = 0  # weight updates so far: the prefix-cache salt while a reset is deferred
         self._prefix_cache_stale = False  # a prefix-cache reset update_weights could not do yet
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if self._asleep:
             raise RuntimeError("VLLMEngine.generate called while asleep; call wake_up() first")
-        if self._stream is not None and self._stream.num_inflight:
-            # LLM.generate steps the engine until no request is left, the stream's included
-            raise RuntimeError("VLLMEngine.generate called while a stream has sequences in flight; "
-                               "abort() them or step the stream until it is idle")
         if not requests:
             return []
-        self._flush_stale_prefix_cache()
+        # LLM.generate steps the engine until no request is left, a stream's included: with a
+        # stream in flight the stream runs these requests next to its own
+        streaming = self._stream is not None and self._stream.num_inflight
+        if not streaming:
+            self._flush_stale_prefix_cache()
         prompts = []
         params = []
         for index, request in enumerate(requests):
             prompt = list(request.prompt_token_ids)
             self._check_prompt(f"request {index}", prompt)
-            prompts.append({"prompt_token_ids": prompt})
+            prompts.append(self._token_prompt(prompt))
             params.append(self._sampling_params(request.params, len(prompt)))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if streaming:
+            outputs = self._stream.generate_alongside(prompts, params)
+        else:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [
             GenerationResult(request=request,
                              completions=[self._completion(s) for s in sorted(output.outputs, key=lambda o: o.index)])
@@ -211,6 +214,14 @@ class VLLMEngine(RolloutEngine):
         self._stream = VLLMStream(self, max_inflight)
         return self._stream
 
+    def _token_prompt(self, prompt: list[int]) -> dict:
+        """vLLM's token prompt; while a prefix-cache reset is deferred, salted with the weight
+        update count so that it reuses no KV block cached under older weights."""
+        out = {"prompt_token_ids": prompt}
+        if self._prefix_cache_stale:
+            out["cache_salt"] = f"megatron-spo-weights-{self._weights_epoch}"
+        return out
+
     def _flush_stale_prefix_cache(self) -> None:
         """The prefix-cache reset `update_weights` deferred, once no request holds KV blocks."""
         if self._prefix_cache_stale and self.llm.reset_prefix_cache():
@@ -230,8 +241,7 @@ class VLLMEngine(RolloutEngine):
         self._weights_epoch += 1
         if self._stream is not None and self._stream.num_inflight:
             # vLLM resets the prefix cache only when no request holds KV blocks (else it logs a
-            # warning and does nothing); deferred to the next idle moment, and the stream salts
-            # its prompts with `_weights_epoch` so none hits a block cached under older weights
+            # warning and does nothing): deferred to the next idle moment, prompts salted meanwhile
             self._prefix_cache_stale = True
         else:
             self._prefix_cache_stale = not self.llm.reset_prefix_cache()

@@ -110,15 +110,16 @@ class AsyncRollouts:
     `top_up`, `take`, `advance`, `paused`, `close`; the driver and grading threads do the rest."""
 
     def __init__(self, engine, tokenizer, scorer: LockedScorer, *, sampling, config, seed: int,
-                 per_rank: int, dp: int, dp_rank: int, dp_group=None, agent=None):
+                 per_rank: int, dp: int, dp_rank: int, dp_group=None, agent=None, first_draw: int = 0):
         self.tokenizer, self.scorer, self.sampling, self.config = tokenizer, scorer, sampling, config
         self.agent = agent
         """The tool agent (`rollout.agent_loop.AgentLoop`), or None for single-turn."""
         self.seed, self.per_rank, self.dp, self.dp_rank, self.dp_group = seed, per_rank, dp, dp_rank, dp_group
         self.stream = open_stream(engine, config.max_inflight)
         self.version = 0
-        self.draws = 0
-        """Draws made so far: the next one seeds as sync mode's step of that index."""
+        self.draws = first_draw
+        """Draws made so far (a resumed run starts at its step): the next one seeds as sync
+        mode's step of that index, so a resumed max_staleness-0 run repeats an uninterrupted one."""
         self.inflight_keys: set[int] = set()
         """Prompts drawn by any rank and not yet trained or dropped (replicated)."""
         self._buffer: list[Trajectory] = []

@@ -315,7 +315,7 @@ class Trainer:
         return AsyncRollouts(self.engine, self.tokenizer, self.scorer, sampling=self.algorithm.sampling,
                              config=cfg.rollout, seed=cfg.seed, per_rank=cfg.batch.train_batch_size // self.dp,
                              dp=self.dp, dp_rank=par.dp_rank, dp_group=par.host_dp_group if self.dp > 1 else None,
-                             agent=agent)
+                             agent=agent, first_draw=self.step)
 
     def _take_async(self):
         """(trajectories, this rank's Rollout of them, the step's global prompts, seconds waited)."""

@@ -59,3 +59,16 @@ def test_async_staleness_1_trains_resumes_and_keeps_in_flight_prompts(spawn, tmp
     for before, after in zip(first[0]["posteriors"], second[0]["posteriors_at_start"]):
         assert (before[where] == after[where]).all()
 
+
+
+def test_a_resumed_async_run_at_staleness_0_repeats_the_uninterrupted_one(spawn, tmp_path):
+    base = _config(tmp_path, max_staleness=0, max_inflight=2)
+    full = spawn(1, _async_run, {**base, "run_dir": str(tmp_path / "full"), "checkpoint": {"every_steps": 0}}, 4)[0]
+    split = {**base, "run_dir": str(tmp_path / "split")}
+    spawn(1, _async_run, split, 2)
+    resumed = spawn(1, _async_run, split, 4)[0]
+    assert resumed["resumed_at"] == 2
+    for a, b in zip(full["history"][2:], resumed["history"]):
+        for key in a:
+            if not key.startswith("perf/") and key != "async/stream_tokens_per_s":
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
