@@ -51,6 +51,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import threading
 import time
 from typing import Any, Sequence
@@ -72,6 +73,8 @@ class Trajectory:
     position: int
     """Position in that draw (sync mode's position in the step's global batch)."""
     seed: int
+    member: int = 0
+    """Which of the prompt's n responses (GRPO's group; 0 for SPO)."""
     response: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
@@ -89,6 +92,24 @@ class Trajectory:
     def version(self) -> int:
         """The policy version that sampled its first token."""
         return self.versions[0]
+
+
+@dataclasses.dataclass(eq=False)
+class _Group:
+    """A prompt's n trajectories (n = 1 for SPO), trained together once all have finished: the
+    group barrier of GRPO lives here, not in the trainer."""
+
+    members: list[Trajectory]
+    finished: int = 0
+    failed: int = 0
+
+    @property
+    def version(self) -> int:
+        return min(t.version for t in self.members)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.members[0].batch, self.members[0].position
 
 
 class LockedScorer:
@@ -110,7 +131,8 @@ class AsyncRollouts:
     `top_up`, `take`, `advance`, `paused`, `close`; the driver and grading threads do the rest."""
 
     def __init__(self, engine, tokenizer, scorer: LockedScorer, *, sampling, config, seed: int,
-                 per_rank: int, dp: int, dp_rank: int, dp_group=None, agent=None, first_draw: int = 0):
+                 per_rank: int, dp: int, dp_rank: int, dp_group=None, agent=None, first_draw: int = 0,
+                 n: int = 1):
         self.tokenizer, self.scorer, self.sampling, self.config = tokenizer, scorer, sampling, config
         self.agent = agent
         """The tool agent (`rollout.agent_loop.AgentLoop`), or None for single-turn."""
@@ -122,8 +144,11 @@ class AsyncRollouts:
         mode's step of that index, so a resumed max_staleness-0 run repeats an uninterrupted one."""
         self.inflight_keys: set[int] = set()
         """Prompts drawn by any rank and not yet trained or dropped (replicated)."""
-        self._buffer: list[Trajectory] = []
-        self._grading = 0
+        self.n = n
+        self._groups: dict[int, _Group] = {}
+        """Groups drawn by this rank and not yet taken or dropped (by prompt key)."""
+        self._complete: list[_Group] = []
+        """Groups whose members all finished and were graded, in completion order."""
         self._ready: list[Trajectory] = []  # tool agent: tools done, next turn not yet queued
         self._tooling: set[Trajectory] = set()  # tool agent: tools running
         self._tools = None if agent is None else concurrent.futures.ThreadPoolExecutor(
@@ -133,7 +158,6 @@ class AsyncRollouts:
         self._cv = threading.Condition()
         self._pause_requests = 0
         self._parked = False
-        self._stepping = False
         self._stop = False
         self._error: BaseException | None = None
         self._grader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="async-grader")
@@ -153,7 +177,6 @@ class AsyncRollouts:
                     self._parked = False
                     if self._stop:
                         return
-                    self._stepping = True  # busy until the finished ones are counted as grading
                     # queued under the lock: `take` never sees a trajectory in neither place
                     self.stream.submit([self._request(t) for t in self._ready])
                     self._ready = []
@@ -161,8 +184,6 @@ class AsyncRollouts:
                 done = self._collect(self.stream.step())
                 with self._cv:
                     self.counts["refills"] += self.stream.refills - before
-                    self._grading += len(done)
-                    self._stepping = False
                 if done:
                     self._grader.submit(self._grade, done)
         except BaseException as err:  # noqa: BLE001 - handed to the main thread by `take`
@@ -228,7 +249,6 @@ class AsyncRollouts:
                     self._ready.append(t)
                 elif state.state is State.TERMINATED:
                     self._finish_agent(t)
-                    self._grading += 1
                     self._grader.submit(self._grade, [t])
                 else:
                     self._ready.append(t)
@@ -260,19 +280,26 @@ class AsyncRollouts:
             with self._cv:
                 self.counts["generated_tokens"] += sum(sum(t.mask) for t in trajectories)
                 for i, t in enumerate(trajectories):
+                    group = self._groups[t.prompt.key]
+                    group.finished += 1
                     if i in scored.failure_messages:
-                        self.counts["dropped_grader"] += 1
-                        self._release(t)
+                        group.failed += 1
                     else:
                         t.reward = float(scored.scores[i])
-                        self._buffer.append(t)
-                self._grading -= len(trajectories)
+                    if group.finished == len(group.members):
+                        if group.failed:  # not trained as a zero: the whole group goes
+                            self.counts["dropped_grader"] += group.failed
+                            self._drop(group)
+                        else:
+                            self._complete.append(group)
                 self._cv.notify_all()
         except BaseException as err:  # noqa: BLE001
             self._fail(err)
 
-    def _release(self, t: Trajectory) -> None:
-        self._released.append(t.prompt.key)
+    def _drop(self, group: _Group) -> None:
+        """Forget a group (lock held): its prompt is released."""
+        del self._groups[group.members[0].prompt.key]
+        self._released.append(group.members[0].prompt.key)
 
     # ------------------------------------------------------------------ main thread
 
@@ -292,18 +319,16 @@ class AsyncRollouts:
                 self._cv.notify_all()
 
     def outstanding(self) -> int:
-        """This rank's trajectories drawn and not yet taken or dropped."""
+        """This rank's prompts (groups) drawn and not yet taken or dropped."""
         with self._cv:
-            return (len(self._buffer) + self._grading + len(self._ready) + len(self._tooling) + self.stream.num_queued
-                    + self.stream.num_inflight)
+            return len(self._groups)
 
     def top_up(self, algorithm, order, prompts_by_key: dict[int, Prompt]) -> None:
         """Draw prompts so every rank has (max_staleness + 1) batches outstanding (collective):
         the algorithm draws from the data order, skipping prompts in flight, at most one batch
         a draw, and position i of a draw goes to the ranks in turn (sync mode's split)."""
         self._share_released()
-        with self.paused():  # no trajectory between the stream and the grader while counting
-            deficit = (self.config.max_staleness + 1) * self.per_rank - self.outstanding()
+        deficit = (self.config.max_staleness + 1) * self.per_rank - self.outstanding()
         deficits = self._all_gather_ints([max(deficit, 0)])
         mine: list[Trajectory] = []
         while sum(deficits):
@@ -314,13 +339,19 @@ class AsyncRollouts:
                 self.inflight_keys.add(p.key)
                 deficits[rank] -= 1
                 if rank == self.dp_rank:
-                    mine.append(Trajectory(prompt=p, batch=self.draws, position=position,
-                                           seed=step_seed(self.seed, self.draws, position)))
+                    seed = step_seed(self.seed, self.draws, position)
+                    # sync mode's seeds of response j: seed + j (an engine's n), the agent's + 104729 j
+                    stride = 1 if self.agent is None else 104_729
+                    mine += [Trajectory(prompt=p, batch=self.draws, position=position, seed=seed + stride * j,
+                                        member=j) for j in range(self.n)]
             self.draws += 1
             if not chosen:
                 break
         if mine:
             with self.paused():
+                with self._cv:
+                    for t in mine:
+                        self._groups.setdefault(t.prompt.key, _Group(members=[])).members.append(t)
                 self.stream.submit([self._request(t) for t in mine])
 
     def _request(self, t: Trajectory) -> StreamRequest:
@@ -334,28 +365,27 @@ class AsyncRollouts:
             n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens, seed=t.seed))
 
     def take(self) -> tuple[list[Trajectory], float]:
-        """This rank's `per_rank` trajectories for the step, oldest draw first (and the seconds
-        waited); fewer only when nothing else is outstanding. Stale ones are dropped here."""
+        """This rank's `per_rank` groups for the step, in completion order (and the seconds
+        waited), their trajectories sorted by draw, position and member; fewer only when nothing
+        else is outstanding. Groups sampled more than max_staleness versions ago are dropped."""
         started = time.perf_counter()
         oldest = self.version - self.config.max_staleness
         with self._cv:
             while True:
                 if self._error is not None:
                     raise RuntimeError(f"async rollout failed: {self._error!r}") from self._error
-                for t in [t for t in self._buffer if t.version < oldest]:
-                    self._buffer.remove(t)
-                    self.counts["dropped_stale"] += 1
-                    self._release(t)
-                busy = (self._stepping or self._grading or self._ready or self._tooling or self.stream.num_queued
-                        or self.stream.num_inflight)
-                if len(self._buffer) >= self.per_rank or not busy:
+                for group in [g for g in self._complete if g.version < oldest]:
+                    self._complete.remove(group)
+                    self.counts["dropped_stale"] += len(group.members)
+                    self._drop(group)
+                if len(self._complete) >= self.per_rank or len(self._complete) == len(self._groups):
                     break
                 self._cv.wait()
-            taken, self._buffer = self._buffer[: self.per_rank], self._buffer[self.per_rank :]
-        for t in taken:
-            self._release(t)
-        taken.sort(key=lambda t: (t.batch, t.position))
-        return taken, time.perf_counter() - started
+            taken, self._complete = self._complete[: self.per_rank], self._complete[self.per_rank :]
+            for group in taken:
+                self._drop(group)  # trained now: released for the next draws
+        taken.sort(key=lambda g: g.order)
+        return [t for g in taken for t in sorted(g.members, key=lambda t: t.member)], time.perf_counter() - started
 
     def advance(self, load_weights) -> None:
         """After the update: the new weights into the engine, the version up; without partial
@@ -386,9 +416,10 @@ class AsyncRollouts:
 
     def rollout_of(self, taken: Sequence[Trajectory], prompts_by_key: dict[int, Prompt]):
         """(this rank's Rollout, the step's global prompt list): positions are dealt to the ranks
-        in turn over the trajectories each rank took (sync mode's d, d + dp, ... when all took a
-        full share), so every rank knows every position's prompt (collective)."""
-        keys = self._all_gather_lists([t.prompt.key for t in taken])
+        in turn over the groups each rank took (sync mode's d, d + dp, ... when all took a full
+        share), so every rank knows every position's prompt (collective)."""
+        groups = [list(g) for _, g in itertools.groupby(taken, key=lambda t: (t.batch, t.position))]
+        keys = self._all_gather_lists([g[0].prompt.key for g in groups])
         positions, global_keys = {}, []
         for j in range(max(len(k) for k in keys)):
             for rank, rank_keys in enumerate(keys):
@@ -397,9 +428,10 @@ class AsyncRollouts:
                         positions[j] = len(global_keys)
                     global_keys.append(rank_keys[j])
         rollout = Rollout()
-        for j, t in enumerate(taken):
-            rollout.add(positions[j], t.prompt, t.prompt.token_ids, t.response, t.mask, t.logprobs, t.reward)
-            rollout.generated_tokens += len(t.response)
+        for j, group in enumerate(groups):
+            for t in group:
+                rollout.add(positions[j], t.prompt, t.prompt.token_ids, t.response, t.mask, t.logprobs, t.reward)
+                rollout.generated_tokens += sum(t.mask)
         rollout.episode_rewards = list(rollout.rewards)
         rollout.episode_index = list(rollout.prompt_index)
         return rollout, [prompts_by_key[k] for k in global_keys]

@@ -105,16 +105,17 @@ def check_async(config) -> None:
     r = config.rollout
     if r.mode != "async":
         return
-    if config.algorithm.name != "spo":
-        raise UserError(f"rollout.mode=async: algorithm {config.algorithm.name!r} does not stream yet; async mode "
-                        "trains algorithm.name=spo (a group-free method needs no barrier)")
+    if config.algorithm.name not in ("spo", "grpo"):
+        raise UserError(f"rollout.mode=async: algorithm {config.algorithm.name!r} does not stream: its samples are "
+                        "built from continuations or trees of one policy; use spo or grpo, or rollout.mode=sync")
     if config.parallel.tp != 1 or config.parallel.pp != 1 or r.engine.tensor_parallel_size != 1:
         raise UserError("rollout.mode=async: each rank streams its own trajectories, so it needs parallel.tp=1, "
                         "parallel.pp=1 and rollout.engine.tensor_parallel_size=1 (data parallelism is fine)")
     if r.offload_actor or r.engine.enable_sleep_mode:
         raise UserError("rollout.mode=async: the engine generates while the actor trains, so neither can give its "
                         "memory to the other: set rollout.offload_actor=false and rollout.engine.enable_sleep_mode=false")
-    if config.algorithm.spo.gen_batch_size < config.batch.train_batch_size * (r.max_staleness + 2):
+    if config.algorithm.name == "spo" and \
+            config.algorithm.spo.gen_batch_size < config.batch.train_batch_size * (r.max_staleness + 2):
         raise UserError(f"rollout.mode=async: algorithm.spo.gen_batch_size ({config.algorithm.spo.gen_batch_size}) must "
                         f"be >= batch.train_batch_size x (rollout.max_staleness + 2) = "
                         f"{config.batch.train_batch_size * (r.max_staleness + 2)}: prompts in flight are not drawn "

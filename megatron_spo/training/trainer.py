@@ -304,6 +304,9 @@ class Trainer:
         from megatron_spo.training.async_rollout import AsyncRollouts, LockedScorer
 
         cfg, par = self.config, self.parallel
+        if cfg.batch.train_batch_size % self.dp:
+            raise UserError(f"rollout.mode=async: batch.train_batch_size ({cfg.batch.train_batch_size} prompts) must be "
+                            f"divisible by the data-parallel size {self.dp}: each rank trains whole prompts' groups")
         self._load_engine_weights(self.actor.export_hf())
         self.scorer = LockedScorer(self.scorer)
         self._prompts_by_key = {p.key: p for p in self.prompts}
@@ -315,7 +318,7 @@ class Trainer:
         return AsyncRollouts(self.engine, self.tokenizer, self.scorer, sampling=self.algorithm.sampling,
                              config=cfg.rollout, seed=cfg.seed, per_rank=cfg.batch.train_batch_size // self.dp,
                              dp=self.dp, dp_rank=par.dp_rank, dp_group=par.host_dp_group if self.dp > 1 else None,
-                             agent=agent, first_draw=self.step)
+                             agent=agent, first_draw=self.step, n=self.algorithm.n)
 
     def _take_async(self):
         """(trajectories, this rank's Rollout of them, the step's global prompts, seconds waited)."""

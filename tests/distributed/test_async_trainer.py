@@ -5,6 +5,7 @@ at the checkpoint without losing those prompts from the value store."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from helpers import merge, tiny_train_setup
@@ -72,3 +73,33 @@ def test_a_resumed_async_run_at_staleness_0_repeats_the_uninterrupted_one(spawn,
         for key in a:
             if not key.startswith("perf/") and key != "async/stream_tokens_per_s":
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def _history_and_params(rank, world_size, overrides, steps):
+    from megatron_spo.config import from_dict
+    from megatron_spo.training.config import TrainConfig
+    from megatron_spo.training.trainer import Trainer
+
+    trainer = Trainer(from_dict(TrainConfig, {**overrides, "total_steps": steps}))
+    history = []
+    trainer.fit(on_step=lambda step, metrics: history.append(dict(metrics)))
+    params = {k: v.clone() for k, v in trainer.actor.export_hf()}
+    trainer.close()
+    return history, params
+
+
+def test_async_grpo_at_staleness_0_trains_exactly_as_sync_grpo(spawn, tmp_path):
+    """The group barrier moves into the buffer: a group of n responses is trained once all have
+    finished; with max_staleness 0 and 3 slots for 4 x 2 sequences, the run is sync GRPO's."""
+    base = merge(tiny_train_setup(tmp_path), {"algorithm": {"name": "grpo"}, "rollout": {"n": 2},
+                                              "checkpoint": {"every_steps": 0}})
+    sync = spawn(2, _history_and_params, {**base, "run_dir": str(tmp_path / "sync")}, 3)[0]
+    streamed = spawn(2, _history_and_params, merge(base, {
+        "run_dir": str(tmp_path / "async"), "rollout": {"mode": "async", "max_inflight": 3}}), 3)[0]
+    for a, b in zip(sync[0], streamed[0]):
+        for key, value in a.items():
+            if not key.startswith("perf/") and key != "rollout/logprob_mismatch":
+                assert b[key] == value, key
+    assert sum(m["async/refills"] for m in streamed[0]) > 0
+    for name, tensor in sync[1].items():
+        assert torch.equal(tensor, streamed[1][name]), name

@@ -36,6 +36,9 @@ class ScriptedStream(EngineStream):
     def num_inflight(self) -> int:
         return len(self.active)
 
+    def length_of(self, trajectory) -> int:
+        return self.length
+
     def step(self):
         while self._queue and len(self.active) < self.max_inflight:
             self.refills += bool(self.active)
@@ -43,8 +46,8 @@ class ScriptedStream(EngineStream):
         for seq in self.active:
             seq[1].append(7)
             seq[2].append(self.version)
-        done = [s for s in self.active if len(s[1]) >= self.length]
-        self.active = [s for s in self.active if len(s[1]) < self.length]
+        done = [s for s in self.active if len(s[1]) >= self.length_of(s[0].tag)]
+        self.active = [s for s in self.active if len(s[1]) < self.length_of(s[0].tag)]
         self.steps += 1
         time.sleep(self.delay_s)
         return [StreamResult(tag=r.tag, token_versions=v, completion=Completion(
@@ -95,12 +98,12 @@ class FirstFree:
         return out
 
 
-def _source(stream, *, staleness=0, partial=False, per_rank=2, failing=()):
+def _source(stream, *, staleness=0, partial=False, per_rank=2, failing=(), n=1):
     config = RolloutConfig(mode="async", max_staleness=staleness, partial_rollout=partial,
                            max_inflight=stream.max_inflight)
     return AsyncRollouts(ScriptedEngine(stream), tokenizer=None, scorer=LockedScorer(Scorer(failing)),
                          sampling=Sampling(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8), config=config,
-                         seed=0, per_rank=per_rank, dp=1, dp_rank=0)
+                         seed=0, per_rank=per_rank, dp=1, dp_rank=0, n=n)
 
 
 def _wait(predicate, timeout_s=20.0):
@@ -132,7 +135,7 @@ def test_stale_trajectories_are_dropped_counted_and_released():
     source, algo = _source(stream, staleness=0), FirstFree()
     try:
         source.top_up(algo, None, {})
-        _wait(lambda: len(source._buffer) == 2)
+        _wait(lambda: len(source._complete) == 2)
         source.advance(lambda: None)  # version 1: both finished trajectories are now one version old
         taken, _ = source.take()
         assert taken == [] and source.counts["dropped_stale"] == 2
@@ -270,7 +273,8 @@ def test_async_mode_refuses_what_it_does_not_support(tmp_path):
             "batch": {"train_batch_size": 4, "mini_batch_size": 4},
             "algorithm": {"spo": {"gen_batch_size": 16}}, "rollout": {"mode": "async"}}
     from_dict(TrainConfig, base)  # accepted
-    for extra, words in [({"algorithm": {"name": "grpo"}, "rollout": {"mode": "async", "n": 2}}, "does not stream"),
+    from_dict(TrainConfig, {**base, "algorithm": {"name": "grpo"}, "rollout": {"mode": "async", "n": 2}})  # the group barrier
+    for extra, words in [({"algorithm": {"name": "spo_chain"}}, "does not stream"),
                          ({"parallel": {"tp": 2}}, "parallel.tp=1"),
                          ({"rollout": {"mode": "async", "offload_actor": True}}, "offload_actor=false"),
                          ({"algorithm": {"spo": {"gen_batch_size": 4}}}, "gen_batch_size")]:
@@ -298,7 +302,7 @@ def test_tool_trajectory_waiting_on_its_sandbox_does_not_block_the_others(tmp_pa
 
     def tool_runner(code_text: str) -> SandboxResult:
         if "slow" in code_text:
-            _wait(lambda: any(t.prompt.key == 1 for t in source._buffer))
+            _wait(lambda: any(g.members[0].prompt.key == 1 for g in source._complete))
             return SandboxResult(stdout="slow done", stderr="", exit_code=0, timed_out=False)
         return SandboxResult(stdout="fast", stderr="", exit_code=0, timed_out=False)
 
@@ -322,5 +326,25 @@ def test_tool_trajectory_waiting_on_its_sandbox_does_not_block_the_others(tmp_pa
         for t in taken:  # tool output carries no gradient; every token has a version
             assert len(t.mask) == len(t.response) == len(t.logprobs) == len(t.versions)
             assert "<interpreter>" not in t.text
+    finally:
+        source.close()
+
+
+def test_grpo_groups_are_trained_only_once_every_member_has_finished():
+    class SlowSecondMember(ScriptedStream):
+        def length_of(self, trajectory):
+            return 2 if trajectory.member == 0 else 30
+
+    stream = SlowSecondMember(max_inflight=8, length=2)
+    source = _source(stream, per_rank=2, n=2)
+    try:
+        source.top_up(FirstFree(), None, {})
+        taken, _ = source.take()
+        # two whole groups, members in order, each member seeded as sync mode's n-sample request
+        assert [(t.prompt.key, t.member, len(t.response)) for t in taken] == [
+            (10, 0, 2), (10, 1, 30), (11, 0, 2), (11, 1, 30)]
+        assert taken[1].seed == taken[0].seed + 1
+        rollout, prompts = source.rollout_of(taken, {p.key: p for p in PROMPTS})
+        assert rollout.prompt_index == [0, 0, 1, 1] and [p.key for p in prompts] == [10, 11]
     finally:
         source.close()

@@ -50,6 +50,18 @@ class GRPO(Algorithm):
     def from_config(cls, cfg, setup: AlgorithmSetup) -> GRPO:
         return cls(cfg.algorithm.grpo, rollout=cfg.rollout, batch=cfg.batch, tp_group=setup.tp_group)
 
+    def choose_async_prompts(self, order, count: int, *, exclude):
+        """rollout.mode=async: the next `count` prompts of the data order not in flight (with
+        nothing in flight, `choose_prompts`'s batch); at most one pass over the data is looked at."""
+        chosen: list = []
+        for _ in range(len(order.prompts) + count):
+            if len(chosen) == count:
+                break
+            p = order.take(1)[0]
+            if p.key not in exclude and all(p.key != q.key for q in chosen):
+                chosen.append(p)
+        return chosen
+
     def needs_old_logprobs(self, batch_config) -> bool:
         return not single_update_on_fresh_samples(batch_config)
 
