@@ -40,7 +40,11 @@ Faults: a trajectory whose grader failed (error, timeout, non-finite) is dropped
 an empty stream: what was in flight at the checkpoint is discarded, and those prompts are
 drawable again with the posterior they had (the value store only changes on a trained visit).
 
-Scope of this release: algorithm spo, one rank per model replica (tp = pp = 1, engine TP 1; data
+GRPO streams too, with its group barrier in the buffer: a prompt's n responses (response j seeded
+as sync mode's j-th sample) are trained together once all have finished and been graded, and a
+group is dropped whole (stale, or a member's grader failed).
+
+Scope of this release: algorithms spo and grpo, one rank per model replica (tp = pp = 1, engine TP 1; data
 parallelism is fine), colocated (the engine and the actor share each rank); single-turn and the
 tool agent. `training.rollout_config.check_async` refuses the rest with one line.
 """

@@ -51,7 +51,8 @@ class RolloutConfig:
     mode: Literal["sync", "async"] = "sync"
     """sync: each step generates its batch to the last token, then trains. async: generation
     streams in the background and the trainer takes finished trajectories (`training.async_rollout`;
-    algorithm spo, one rank per model replica, engine TP 1)."""
+    algorithm spo, or grpo with its group barrier in the buffer; one rank per model replica,
+    engine TP 1)."""
     max_inflight: int = 256
     """async: sequences the engine decodes at once; a finished one frees its slot for the next
     queued prompt (continuous batching)."""
