@@ -9,7 +9,8 @@ weights into the engine and raise `version`: tokens sampled from then on carry t
 (a sequence in flight finishes under the new weights, its earlier tokens keep their version), or
 it may `abort` the in-flight sequences and resubmit them.
 
-Engines that can stream (`hf`: `HFEngine.open_stream`) return their own stream from
+Engines that can stream (`hf`: `HFEngine.open_stream`, slot refill in one merged KV cache;
+`vllm`: `VLLMEngine.open_stream`, vLLM's own scheduler) return their own stream from
 `open_stream(engine, max_inflight)`; any other engine gets `BatchedStream`, which generates up to
 `max_inflight` queued requests to completion per `step` through `engine.generate` (no refill
 inside a batch, every token of a batch has one version).

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 vllm = pytest.importorskip("vllm")
 
+import vllm.exceptions  # noqa: E402
 from megatron_spo.rollout.engine import EngineConfig, make_engine  # noqa: E402
 from megatron_spo.rollout.streaming import StreamRequest, open_stream  # noqa: E402
 from megatron_spo.rollout.types import GenerationRequest, SamplingParams  # noqa: E402
@@ -171,6 +172,7 @@ def test_weight_update_mid_flight_and_version_tags(engine, prompts, models):
     for _ in range(before):
         assert stream.step() == []
     assert stream.num_inflight == 2 and stream.num_queued == 1
+    assert engine.llm.reset_prefix_cache() is False  # vLLM 0.32 with running requests: a no-op
     engine.update_weights(new_model.state_dict().items())
     assert engine._prefix_cache_stale  # vLLM cannot reset with running requests: deferred
     stream.version = 1
@@ -191,7 +193,8 @@ def test_weight_update_mid_flight_and_version_tags(engine, prompts, models):
 
 def test_no_prefix_cache_hit_across_a_weight_update(engine, prompts, models):
     """A prompt longer than one KV block (128 tokens on CPU) in flight across an update; the same
-    prompt admitted after it must not reuse the block cached under the old weights."""
+    prompt admitted after it, by the stream or by `generate`, must not reuse the block cached
+    under the old weights."""
     _, new_model = models
     long_prompt = (prompts[4] * 6)[:140]
     greedy = SamplingParams(temperature=0.0, max_tokens=16)
@@ -201,12 +204,40 @@ def test_no_prefix_cache_hit_across_a_weight_update(engine, prompts, models):
         assert stream.step() == []
     engine.update_weights(new_model.state_dict().items())
     stream.version = 1
+    alongside = generate(engine, [long_prompt], [greedy])[0]  # the stream still in flight
     stream.submit([StreamRequest(tag=1, prompt_token_ids=long_prompt, params=greedy)])
     results = drain(stream)
-    fresh = generate(engine, [long_prompt], [greedy])[0]
-    assert results[1].completion.token_ids == fresh.token_ids
-    torch.testing.assert_close(torch.tensor(results[1].completion.logprobs), torch.tensor(fresh.logprobs),
-                               atol=1e-4, rtol=0)
+    fresh = generate(engine, [long_prompt], [greedy])[0]  # prefix cache reset, nothing in flight
+    for got in (results[1].completion, alongside):
+        assert got.token_ids == fresh.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(fresh.logprobs), atol=1e-4, rtol=0)
+
+
+def test_generate_while_in_flight_runs_alongside(engine, prompts):
+    """`generate` with stream sequences in flight (evaluation, driver parked; one request with
+    n = 3): its own results, and the stream's sequences, two of which finish meanwhile, still
+    equal `generate`'s."""
+    stream_params = [SamplingParams(temperature=0.0, max_tokens=m) for m in (6, 8, 40, 40)]
+    eval_params = [SamplingParams(n=1 + 2 * (i == 1), temperature=1.0, max_tokens=20, seed=50 + i) for i in range(3)]
+    eval_requests = [GenerationRequest(prompt_token_ids=p, params=q) for p, q in zip(prompts[5:8], eval_params)]
+    expected = generate(engine, prompts[:4], stream_params)
+    expected_eval = [c for r in engine.generate(eval_requests) for c in r.completions]
+    stream = open_stream(engine, 4)
+    stream.submit(stream_requests(prompts[:4], stream_params))
+    for _ in range(2):
+        assert stream.step() == []
+    during = [c for r in engine.generate(eval_requests) for c in r.completions]
+    assert len(during) == len(expected_eval) == 5
+    for got, want in zip(during, expected_eval):
+        assert (got.token_ids, got.finish_reason, got.text) == (want.token_ids, want.finish_reason, want.text)
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+    assert stream.num_inflight == 4  # the finished ones wait for the next step
+    results = {r.tag: r for r in stream.step()}
+    assert {0, 1} <= set(results)
+    results.update(drain(stream))
+    assert_same_completions(results, expected)
+    assert all(set(r.token_versions) == {0} for r in results.values())
+    assert_engine_clean(engine)
 
 
 def test_abort_then_generate_and_resubmission_reproduce(engine, prompts):
@@ -220,8 +251,6 @@ def test_abort_then_generate_and_resubmission_reproduce(engine, prompts):
         finished.update((r.tag, r) for r in stream.step())
     assert not finished
     assert stream.num_inflight == 3 and stream.num_queued == 3
-    with pytest.raises(RuntimeError, match="in flight"):
-        engine.generate([GenerationRequest(prompt_token_ids=prompts[0], params=params_list[0])])
     with pytest.raises(RuntimeError, match="in flight"):
         engine.open_stream(2)
     assert [r.tag for r in stream.abort()] == [0, 1, 2]
@@ -242,6 +271,8 @@ def test_refusals(engine, prompts):
         stream.submit([StreamRequest(tag="a", prompt_token_ids=[], params=SamplingParams())])
     with pytest.raises(ValueError, match="no room"):
         stream.submit([StreamRequest(tag="b", prompt_token_ids=[5] * MAX_MODEL_LEN, params=SamplingParams())])
+    with pytest.raises(vllm.exceptions.VLLMValidationError, match="out of vocabulary"):
+        stream.submit([StreamRequest(tag="b", prompt_token_ids=[5, 100000], params=SamplingParams())])
     with pytest.raises(ValueError, match="n must be 1"):
         stream.submit([StreamRequest(tag="c", prompt_token_ids=[5], params=SamplingParams(n=2))])
     assert stream.idle
