@@ -1,7 +1,7 @@
 """Asynchronous against synchronous SPO on the embedded demo task: time to the sync run's accuracy.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/async_demo.py --demo-dirs runs/demo_seeds/seed_1 ... \
-        [--staleness 1] [--steps 150]
+        [--staleness 1] [--steps N]
 
 Each `--demo-dirs` entry is the output of `megatron-spo demo --seed N` (its SFT model, offline
 values and `spo.yaml`). From that warm start the RL stage runs, through the product path
@@ -60,11 +60,11 @@ def main() -> int:
     parser.add_argument("--demo-dirs", type=Path, nargs="+", required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/async_demo"))
     parser.add_argument("--staleness", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=None, help="RL steps [the demo's total_steps]")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--max-inflight", type=int, default=32)
     args = parser.parse_args()
-    common = [f"total_steps={args.steps}", f"eval.every_steps={args.eval_every}"]
+    common = [f"eval.every_steps={args.eval_every}"] + ([f"total_steps={args.steps}"] if args.steps else [])
     streamed = ["rollout.mode=async", f"rollout.max_staleness={args.staleness}",
                 f"rollout.max_inflight={args.max_inflight}"]
     print("| seed dir | run | final acc. | wall s | s to sync's final acc. | vs sync x2 |")
