@@ -348,3 +348,31 @@ def test_grpo_groups_are_trained_only_once_every_member_has_finished():
         assert rollout.prompt_index == [0, 0, 1, 1] and [p.key for p in prompts] == [10, 11]
     finally:
         source.close()
+
+
+def test_graders_that_hang_crash_or_die_in_the_real_pool_drop_their_trajectories():
+    from megatron_spo.rollout.rewards import RewardConfig
+    from megatron_spo.rollout.scoring import ScoringPool
+
+    answers = ["fine", "hang", "raise", "die", "fine too"]  # the scripted stream writes the answer as the text
+    prompts = [Prompt(key=50 + i, raw=a, token_ids=[1, 3 + i], answer=a) for i, a in enumerate(answers)]
+
+    class Draw:
+        def choose_async_prompts(self, order, count, *, exclude):
+            return prompts[:count]
+
+    pool = ScoringPool(RewardConfig(function="test_reward_pool:misbehaving_reward", pool="process", workers=2,
+                                    timeout_s=1.5))
+    stream = ScriptedStream(max_inflight=8, length=2)
+    config = RolloutConfig(mode="async", max_inflight=8)
+    source = AsyncRollouts(ScriptedEngine(stream), tokenizer=None, scorer=LockedScorer(pool),
+                           sampling=Sampling(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8), config=config,
+                           seed=0, per_rank=5, dp=1, dp_rank=0)
+    try:
+        source.top_up(Draw(), None, {})
+        taken, _ = source.take()  # no hang: the pool's time limit ends the sleeping grader
+        assert [t.prompt.answer for t in taken] == ["fine", "fine too"] and all(t.reward == 1.0 for t in taken)
+        assert source.counts["dropped_grader"] == 3
+    finally:
+        source.close()
+        pool.close()
