@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="RL steps [the demo's total_steps]")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--max-inflight", type=int, default=32)
+    parser.add_argument("--runs", nargs="+", default=["sync x2", "async x1", "async x2"],
+                        choices=["sync x2", "async x1", "async x2"], help="which runs (sync x2 always runs)")
     args = parser.parse_args()
     common = [f"eval.every_steps={args.eval_every}"] + ([f"total_steps={args.steps}"] if args.steps else [])
     streamed = ["rollout.mode=async", f"rollout.max_staleness={args.staleness}",
@@ -72,9 +74,10 @@ def main() -> int:
     for demo in args.demo_dirs:
         out = args.out / demo.name
         out.mkdir(parents=True, exist_ok=True)
-        runs = {"sync x2": _train(demo, out / "sync2", 2, common),
-                "async x1": _train(demo, out / "async1", 1, common + streamed),
-                "async x2": _train(demo, out / "async2", 2, common + streamed)}
+        runs = {"sync x2": _train(demo, out / "sync2", 2, common)}
+        for name in [r for r in args.runs if r != "sync x2"]:
+            nproc = int(name[-1])
+            runs[name] = _train(demo, out / f"async{nproc}", nproc, common + streamed)
         sync_curve, sync_wall = _curve(runs["sync x2"])
         target = sync_curve[-1][1]
         for name, rows in runs.items():
