@@ -294,6 +294,9 @@ class Trainer:
             metrics["rollout/logprob_mismatch"] = step_metrics.logprob_mismatch(rollout, batch, old, ctx.reduce_sum)
         if taken is not None:
             metrics.update(self._async_metrics(ctx, taken, stale, time.perf_counter() - t0))
+            # generation overlaps training: its rate is the stream's, and the step's wait is its own metric
+            metrics["perf/gen_tokens_per_s"] = metrics["async/stream_tokens_per_s"]
+            metrics["async/wait_s"] = gen_seconds
         return {**metrics, **update, **algorithm_metrics}
 
     # ------------------------------------------------------------------ async rollout (rollout.mode=async)
