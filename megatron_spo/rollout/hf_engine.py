@@ -220,23 +220,23 @@ class HFEngine(RolloutEngine):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return tuple(t.to(self.device) for t in (input_ids, attention_mask, position_ids))
 
+    def _prefill(self, input_ids, attention_mask, position_ids):
+        """One forward over left-padded prompts into a fresh KV cache; returns (output, cache)
+        with the logits of each row's last position only (`generate` and `HFStream` admission)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out, cache
+
     def _decode(self, seqs: list[_Sequence]) -> None:
         """Decode one batch to completion, filling each sequence's tokens and finish reason."""
         input_ids, attention_mask, position_ids = self._left_padded([s.prompt for s in seqs])
         next_position = torch.tensor([len(s.prompt) for s in seqs], device=self.device)  # (B,)
 
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
         active = seqs  # row r of the cache is active[r]
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out, cache = self._prefill(input_ids, attention_mask, position_ids)
         while True:
             self._sample_next(out.logits[:, -1, :].float().cpu(), active)
             keep = [row for row, seq in enumerate(active) if seq.finish_reason is None]

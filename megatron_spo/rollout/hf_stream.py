@@ -135,23 +135,13 @@ class HFStream(EngineStream):
     def _admit(self, requests: list[StreamRequest]) -> torch.Tensor:
         """Prefill the prompts of `requests` in one forward and append them as new rows; returns
         their next-token logits, (len(requests), V) float32 on the host."""
-        from transformers import DynamicCache
-
         engine = self.engine
         seqs = []
         for request in requests:
             seqs.append(engine._new_sequences(self._admitted, list(request.prompt_token_ids), request.params)[0])
             self._admitted += 1
         input_ids, mask, positions = engine._left_padded([seq.prompt for seq in seqs])
-        cache = DynamicCache(config=engine.model.config)
-        out = engine.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out, cache = engine._prefill(input_ids, mask, positions)
         if self._slots:
             self.refills += len(seqs)
             self._append_rows(cache, mask)

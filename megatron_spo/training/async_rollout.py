@@ -327,7 +327,7 @@ class AsyncRollouts:
         with self._cv:
             return len(self._groups)
 
-    def top_up(self, algorithm, order, prompts_by_key: dict[int, Prompt]) -> None:
+    def top_up(self, algorithm, order) -> None:
         """Draw prompts so every rank has (max_staleness + 1) batches outstanding (collective):
         the algorithm draws from the data order, skipping prompts in flight, at most one batch
         a draw, and position i of a draw goes to the ranks in turn (sync mode's split)."""

@@ -326,7 +326,7 @@ class Trainer:
     def _take_async(self):
         """(trajectories, this rank's Rollout of them, the step's global prompts, seconds waited)."""
         stream = self.async_rollouts
-        stream.top_up(self.algorithm, self.order, self._prompts_by_key)
+        stream.top_up(self.algorithm, self.order)
         taken, waited = stream.take()
         rollout, prompts = stream.rollout_of(taken, self._prompts_by_key)
         rollout.grader_failures = float(stream.counts.get("dropped_grader", 0))

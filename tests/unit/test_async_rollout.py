@@ -117,13 +117,13 @@ def test_in_flight_prompts_are_not_drawn_again_until_trained():
     stream = ScriptedStream(max_inflight=8, length=4)
     source, algo = _source(stream, staleness=1), FirstFree()
     try:
-        source.top_up(algo, None, {})  # two batches outstanding: 4 prompts, none repeated
+        source.top_up(algo, None)  # two batches outstanding: 4 prompts, none repeated
         assert source.outstanding() == 4 and len(source.inflight_keys) == 4
         taken, _ = source.take()
         assert len(taken) == 2 and {t.prompt.key for t in taken} <= source.inflight_keys
         source.advance(lambda: None)
         still_out = source.inflight_keys - {t.prompt.key for t in taken}
-        source.top_up(algo, None, {})  # the trained two are released; the two in flight are excluded
+        source.top_up(algo, None)  # the trained two are released; the two in flight are excluded
         assert algo.excluded_seen[-1] == still_out and len(still_out) == 2
         assert len(source.inflight_keys) == 4 and still_out <= source.inflight_keys
     finally:
@@ -134,12 +134,12 @@ def test_stale_trajectories_are_dropped_counted_and_released():
     stream = ScriptedStream(max_inflight=8, length=2)
     source, algo = _source(stream, staleness=0), FirstFree()
     try:
-        source.top_up(algo, None, {})
+        source.top_up(algo, None)
         _wait(lambda: len(source._complete) == 2)
         source.advance(lambda: None)  # version 1: both finished trajectories are now one version old
         taken, _ = source.take()
         assert taken == [] and source.counts["dropped_stale"] == 2
-        source.top_up(algo, None, {})  # both prompts were released: nothing is excluded
+        source.top_up(algo, None)  # both prompts were released: nothing is excluded
         assert algo.excluded_seen[-1] == set() and source.inflight_keys == {12, 13}
     finally:
         source.close()
@@ -149,7 +149,7 @@ def test_partial_rollout_records_each_tokens_version():
     stream = ScriptedStream(max_inflight=8, length=40)
     source = _source(stream, staleness=1, partial=True)
     try:
-        source.top_up(FirstFree(), None, {})
+        source.top_up(FirstFree(), None)
         _wait(lambda: stream.steps >= 3)
         source.advance(lambda: None)  # between two decoding steps: later tokens are version 1
         taken, _ = source.take()
@@ -166,7 +166,7 @@ def test_without_partial_rollout_in_flight_sequences_restart_under_the_new_versi
     stream = ScriptedStream(max_inflight=8, length=40)
     source = _source(stream, staleness=1, partial=False)
     try:
-        source.top_up(FirstFree(), None, {})
+        source.top_up(FirstFree(), None)
         _wait(lambda: stream.steps >= 3)
         source.advance(lambda: None)
         taken, _ = source.take()
@@ -180,7 +180,7 @@ def test_slots_are_refilled_and_trajectories_keep_their_draw_seed():
     stream = ScriptedStream(max_inflight=1, length=2)
     source = _source(stream, per_rank=3)
     try:
-        source.top_up(FirstFree(), None, {})
+        source.top_up(FirstFree(), None)
         taken, _ = source.take()
         assert [t.position for t in taken] == [0, 1, 2] and stream.refills == 0  # one slot: no mid-batch admission
         from megatron_spo.training.rollouts import step_seed
@@ -194,7 +194,7 @@ def test_a_failed_grade_is_dropped_counted_and_its_prompt_released():
     stream = ScriptedStream(max_inflight=8, length=2)
     source = _source(stream, per_rank=3, failing={"1"})  # PROMPTS[1]'s grader crashes
     try:
-        source.top_up(FirstFree(), None, {})
+        source.top_up(FirstFree(), None)
         taken, _ = source.take()  # nothing else outstanding: the step trains the two graded ones
         assert [t.prompt.key for t in taken] == [10, 12] and source.counts["dropped_grader"] == 1
         source._share_released()
@@ -210,7 +210,7 @@ def test_a_driver_error_reaches_the_trainer():
 
     source = _source(Broken(max_inflight=2, length=2))
     try:
-        source.top_up(FirstFree(), None, {})
+        source.top_up(FirstFree(), None)
         with pytest.raises(RuntimeError, match="out of memory"):
             source.take()
     finally:
@@ -317,7 +317,7 @@ def test_tool_trajectory_waiting_on_its_sandbox_does_not_block_the_others(tmp_pa
                            config=config, seed=0, per_rank=3, dp=1, dp_rank=0,
                            agent=AgentLoop(engine, tokenizer, AgentLoopConfig(), tool_runner=tool_runner))
     try:
-        source.top_up(Draw(), None, {})
+        source.top_up(Draw(), None)
         taken, _ = source.take()
         by_key = {t.prompt.key: t for t in taken}
         assert set(by_key) == {0, 1, 2}
@@ -338,7 +338,7 @@ def test_grpo_groups_are_trained_only_once_every_member_has_finished():
     stream = SlowSecondMember(max_inflight=8, length=2)
     source = _source(stream, per_rank=2, n=2)
     try:
-        source.top_up(FirstFree(), None, {})
+        source.top_up(FirstFree(), None)
         taken, _ = source.take()
         # two whole groups, members in order, each member seeded as sync mode's n-sample request
         assert [(t.prompt.key, t.member, len(t.response)) for t in taken] == [
@@ -369,7 +369,7 @@ def test_graders_that_hang_crash_or_die_in_the_real_pool_drop_their_trajectories
                            sampling=Sampling(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=8), config=config,
                            seed=0, per_rank=5, dp=1, dp_rank=0)
     try:
-        source.top_up(Draw(), None, {})
+        source.top_up(Draw(), None)
         taken, _ = source.take()  # no hang: the pool's time limit ends the sleeping grader
         assert [t.prompt.answer for t in taken] == ["fine", "fine too"] and all(t.reward == 1.0 for t in taken)
         assert source.counts["dropped_grader"] == 3
