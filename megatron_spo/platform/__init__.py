@@ -45,6 +45,7 @@ them to the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -295,24 +296,28 @@ def init_distributed(
     vpp: int | None = None,
     *,
     timeout_minutes: int = 30,
+    rollout_ranks: int = 0,
 ) -> ParallelContext:
     """Initialise torch.distributed from the torchrun environment and Megatron's parallel state.
 
     A plain `python` process (no RANK / WORLD_SIZE) becomes a world of one with an in-memory store,
     so the same code path serves a laptop, CI and a cluster. Calling it again with the same sizes
-    returns the existing context; different sizes re-initialise Megatron's groups.
+    returns the existing context; different sizes re-initialise Megatron's groups. With
+    `rollout_ranks` K (parallel.rollout_ranks) the default group and Megatron's world are the job's
+    first world - K ranks, the trainers; the rollout ranks join only `rollout_channels`.
     """
     install_cpu_compat()
-    _init_process_group(timeout_minutes)
+    _init_process_group(timeout_minutes, rollout_ranks)
     world_size = torch.distributed.get_world_size()
     _check_parallel_sizes(world_size, tp, pp, vpp)
     _init_model_parallel(tp, pp, vpp, timeout_minutes)
     return _parallel_context(world_size, tp, pp, vpp)
 
 
-def _init_process_group(timeout_minutes: int) -> None:
+def _init_process_group(timeout_minutes: int, rollout_ranks: int = 0) -> None:
     """The default process group, unless one exists: torch's fake one in a dry run, else from the
-    torchrun environment (a world of one with an in-memory store for a plain process)."""
+    torchrun environment (a world of one with an in-memory store for a plain process; the trainer
+    ranks alone when the job's last `rollout_ranks` ranks only generate)."""
     if _SIMULATION is not None and not torch.distributed.is_initialized():
         from megatron_spo.dry_run.collectives import init_fake_process_group
 
@@ -324,7 +329,10 @@ def _init_process_group(timeout_minutes: int) -> None:
     if is_gpu():
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
     kwargs = {}
-    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+    if rollout_ranks:
+        world_size -= rollout_ranks
+        kwargs["store"] = torch.distributed.PrefixStore("megatron_spo/trainers", _job_store(timeout_minutes))
+    elif world_size == 1 and "MASTER_ADDR" not in os.environ:
         # a plain single process: an in-memory store, no TCP port to race other jobs for
         kwargs["store"] = torch.distributed.HashStore()
     torch.distributed.init_process_group(
@@ -411,11 +419,98 @@ def _world_gloo_group():
     return _WORLD_GLOO_GROUP
 
 
+# ----------------------------------------------------------------------------- disaggregated placement
+
+_JOB_STORE = None
+
+
+def _job_store(timeout_minutes: int = 30):
+    """The torchrun job's key-value store (env://: MASTER_ADDR / MASTER_PORT, or torchrun's agent
+    store), which every rank of the job reaches, trainer or rollout rank."""
+    global _JOB_STORE
+    if _JOB_STORE is None:
+        _JOB_STORE, _, _ = next(torch.distributed.rendezvous(
+            "env://", rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1),
+            timeout=datetime.timedelta(minutes=timeout_minutes)))
+    return _JOB_STORE
+
+
+def is_rollout_rank(rollout_ranks: int) -> bool:
+    """This process is one of the job's last `rollout_ranks` ranks: it only generates."""
+    return rollout_ranks > 0 and _env_int("RANK", 0) >= launch_world_size() - rollout_ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutChannels:
+    """The groups of a disaggregated job (parallel.rollout_ranks = K, trainer rank i paired with
+    rollout rank i): made outside the default group, which holds the trainers only."""
+
+    link: Any
+    """This pair's gloo group of 2 (CPU messages): rank 0 the trainer, rank 1 the rollout rank."""
+    link_rank: int
+    weights: Any
+    """Trainer rank 0 (group rank 0, the root) and every rollout rank (group rank 1 + i), on the
+    device's backend (NCCL on GPU): the weight broadcast. None on the other trainer ranks."""
+    weights_rank: int | None
+    pair: int
+    """i: this trainer rank, or this rollout rank's index among the rollout ranks."""
+    peer: int
+    """The job rank at the other end of `link`."""
+
+
+def rollout_channels(rollout_ranks: int, timeout_minutes: int = 30) -> RolloutChannels:
+    """This rank's `RolloutChannels`; every rank of the job calls it once (the rendezvous of a
+    group waits for its members only)."""
+    rank, world = _env_int("RANK", 0), launch_world_size()
+    trainers = world - rollout_ranks
+    pair = rank if rank < trainers else rank - trainers
+    link_rank = int(rank >= trainers)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = _job_store(timeout_minutes)
+    link = torch.distributed.ProcessGroupGloo(
+        torch.distributed.PrefixStore(f"megatron_spo/link/{pair}", store), link_rank, 2, timeout)
+    weights_rank = 0 if rank == 0 else (1 + pair if link_rank else None)
+    weights = None
+    if weights_rank is not None:
+        weights = _side_group(torch.distributed.PrefixStore("megatron_spo/weights", store), weights_rank,
+                              1 + rollout_ranks, timeout)
+    return RolloutChannels(link=link, link_rank=link_rank, weights=weights, weights_rank=weights_rank, pair=pair,
+                           peer=pair + trainers if link_rank == 0 else pair)
+
+
+@contextlib.contextmanager
+def standalone_rollout_rank():
+    """A rollout rank's engine is a world of its own: inside, the torchrun variables say rank 0 of
+    1 (a vLLM engine then starts its own single-process executor instead of laying groups out on
+    the job's world); LOCAL_RANK, the device index, is kept."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _side_group(store, rank: int, size: int, timeout: datetime.timedelta):
+    """A process group outside torch's registry (used through its own methods), on the device's
+    backend. NOT RUN ON GPU YET: the NCCL branch follows torch's own construction of NCCL groups."""
+    if is_gpu():
+        options = torch.distributed.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return torch.distributed.ProcessGroupNCCL(store, rank, size, options)
+    return torch.distributed.ProcessGroupGloo(store, rank, size, timeout)
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
-    global _WORLD_GLOO_GROUP
+    global _WORLD_GLOO_GROUP, _JOB_STORE
     _WORLD_GLOO_GROUP = None
+    _JOB_STORE = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

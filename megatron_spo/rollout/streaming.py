@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import dataclasses
 from typing import Any, Sequence
 
@@ -94,6 +95,13 @@ class EngineStream(abc.ABC):
         out = list(self._queue)
         self._queue.clear()
         return out
+
+    @contextlib.contextmanager
+    def held(self):
+        """The stream frozen between two decoding steps while the caller holds it. A local stream
+        only decodes inside `step`, so nothing to do; a remote one (`rollout.remote`) parks its
+        rank's decoding."""
+        yield
 
 
 class BatchedStream(EngineStream):

@@ -62,6 +62,7 @@ from typing import Any, Sequence
 
 import torch
 
+from megatron_spo.errors import UserError
 from megatron_spo.rollout.streaming import StreamRequest, open_stream
 from megatron_spo.rollout.types import SamplingParams
 from megatron_spo.training.rollouts import Prompt, Rollout, step_seed
@@ -316,7 +317,8 @@ class AsyncRollouts:
             while not self._parked and self._error is None:
                 self._cv.wait()
         try:
-            yield
+            with self.stream.held():
+                yield
         finally:
             with self._cv:
                 self._pause_requests -= 1
@@ -376,6 +378,8 @@ class AsyncRollouts:
         oldest = self.version - self.config.max_staleness
         with self._cv:
             while True:
+                if isinstance(self._error, UserError):  # e.g. a rollout rank gone: its own one line
+                    raise self._error
                 if self._error is not None:
                     raise RuntimeError(f"async rollout failed: {self._error!r}") from self._error
                 for group in [g for g in self._complete if g.version < oldest]:

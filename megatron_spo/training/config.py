@@ -63,7 +63,7 @@ from megatron_spo.training.algorithms.segment_chain import SegmentChainConfig
 from megatron_spo.training.algorithms.segment_tree import SegmentTreeConfig
 from megatron_spo.training.algorithms.soft_spo import SoftSPOConfig
 from megatron_spo.training.evaluation import EvalConfig
-from megatron_spo.training.rollout_config import RolloutConfig, check_async
+from megatron_spo.training.rollout_config import RolloutConfig, check_async, check_rollout_ranks
 from megatron_spo.value.config import ValueConfig
 
 Algorithm = Literal["spo", "grpo", "spo_chain", "spo_tree", "soft_spo"]
@@ -111,6 +111,12 @@ class ParallelConfig:
     dropout, the layer inputs that recompute keeps) each TP rank holds 1/tp of the sequence;
     all-reduces become reduce-scatter + all-gather. None = on when tp > 1 (verl's default).
     Micro-batches are padded to a multiple of tp. The same numbers up to summation order."""
+    rollout_ranks: int = 0
+    """Disaggregated placement (`rollout.mode: async` only): the last K ranks of the torchrun job
+    only generate (one engine each, `rollout.remote`), the first world - K only train, and
+    trainer rank i streams from rollout rank i, so generation and training run at once on
+    different devices. K must equal the number of trainer ranks (one rollout rank per trainer;
+    tp = pp = 1 as for every async run). 0 = colocated: every rank trains and generates."""
 
     @property
     def sequence_parallel_enabled(self) -> bool:
@@ -121,6 +127,8 @@ class ParallelConfig:
             raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
         if self.vpp is not None and (self.vpp < 1 or (self.vpp > 1 and self.pp == 1)):
             raise ValueError(f"vpp={self.vpp} needs pp > 1 (and vpp >= 1)")
+        if self.rollout_ranks < 0:
+            raise ValueError(f"rollout_ranks must be >= 0, got {self.rollout_ranks}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -502,6 +510,7 @@ class TrainConfig:
         line instead of a hang or a shape error deep in a collective.
         """
         tp, pp = self.parallel.tp, self.parallel.pp
+        world_size = check_rollout_ranks(self, world_size)
         if world_size % (tp * pp):
             raise UserError(
                 f"parallel.tp ({tp}) x parallel.pp ({pp}) = {tp * pp} does not divide the world size "

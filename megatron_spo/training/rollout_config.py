@@ -104,6 +104,9 @@ class RolloutConfig:
 def check_async(config) -> None:
     """Refuse `rollout.mode: async` where this release does not stream (one line each)."""
     r = config.rollout
+    if config.parallel.rollout_ranks and r.mode != "async":
+        raise UserError(f"parallel.rollout_ranks={config.parallel.rollout_ranks}: rollout-only ranks stream while the "
+                        "trainer trains, which needs rollout.mode=async (a synchronous step would leave one side idle)")
     if r.mode != "async":
         return
     if config.algorithm.name not in ("spo", "grpo"):
@@ -121,3 +124,17 @@ def check_async(config) -> None:
                         f"be >= batch.train_batch_size x (rollout.max_staleness + 2) = "
                         f"{config.batch.train_batch_size * (r.max_staleness + 2)}: prompts in flight are not drawn "
                         "again, so a pool must still hold a batch besides them")
+
+
+def check_rollout_ranks(config, world_size: int) -> int:
+    """Refuse a `parallel.rollout_ranks` placement that cannot be laid out on `world_size` ranks
+    (one line each); return the trainers' world (world_size - rollout_ranks)."""
+    k = config.parallel.rollout_ranks
+    if not k:
+        return world_size
+    trainers = world_size - k
+    if trainers != k:
+        raise UserError(f"parallel.rollout_ranks={k} on a world of {world_size} ranks leaves {trainers} trainer ranks: "
+                        f"each trainer rank streams from one rollout rank of its own, so launch 2 x {k} = {2 * k} "
+                        f"ranks (or set parallel.rollout_ranks={world_size // 2} on an even world)")
+    return trainers

@@ -67,6 +67,12 @@ def main(argv: list[str]) -> int:
     from megatron_spo import platform
     from megatron_spo.training.trainer import Trainer
 
+    if platform.is_rollout_rank(config.parallel.rollout_ranks):  # this rank only generates
+        from megatron_spo.rollout.remote import serve
+
+        config.check_world_size(platform.launch_world_size())
+        return serve(config)
+
     trainer = Trainer(config)
     interrupted = False
     try:

@@ -66,14 +66,14 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, parts: TrainerParts | None = None):
         from megatron_spo.models.checkpoint import hf_side_dir_of
-        from megatron_spo.rollout.engine import make_engine
         from megatron_spo.rollout.scoring import ScoringPool
         from megatron_spo.training.data import PromptOrder
 
         parts = parts or TrainerParts()
         self.config = cfg = config
         self.dp = cfg.check_world_size(platform.launch_world_size())
-        self.parallel = par = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
+        self.parallel = par = platform.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp,
+                                                        rollout_ranks=cfg.parallel.rollout_ranks)
         self.is_main = par.rank == 0
         self.run_dir = Path(cfg.run_dir)
         self._lock, self._continues = _claim_run_dir(cfg, par)
@@ -84,8 +84,7 @@ class Trainer:
         self.algorithm = self._build_algorithm(parts.algorithm)
         self.total_steps = cfg.run_steps(len(self.prompts), self.algorithm.prompts_per_step)
         self._build_models(parts.load_model)
-        self.engine = parts.engine or make_engine(cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed,
-                                                                            load_weights=False))
+        self.engine = parts.engine or self._make_engine()
         self.placement = self._rollout_placement(parts.rollout_standalone)
         self.colocation = self._colocation()
         self.scorer = parts.scorer or ScoringPool(cfg.rollout.reward)
@@ -137,6 +136,17 @@ class Trainer:
 
             self.reference = ReferenceModel(cfg.model.hf_dir, par, dtype=dtype, seed=cfg.seed, load=load_model,
                                             sequence_parallel=sp)
+
+    def _make_engine(self):
+        """This rank's engine; with parallel.rollout_ranks, a handle on its rollout rank's
+        (`rollout.remote`: the job's rank world + i serves trainer rank i)."""
+        from megatron_spo.rollout.engine import make_engine
+        from megatron_spo.rollout.remote import RemoteEngine
+
+        cfg = self.config
+        if cfg.parallel.rollout_ranks:
+            return RemoteEngine(platform.rollout_channels(cfg.parallel.rollout_ranks), cfg.rollout.weight_sync)
+        return make_engine(cfg.rollout.engine_config(str(self.side_dir), seed=cfg.seed, load_weights=False))
 
     def _rollout_placement(self, standalone: bool):
         """Rollout groups of `rollout.engine.tensor_parallel_size` ranks (one engine each) and the
