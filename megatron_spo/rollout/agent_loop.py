@@ -39,7 +39,14 @@ from typing import Callable, Sequence
 
 from megatron_spo.errors import UserError
 from megatron_spo.rollout.sandbox import SandboxConfig, SandboxResult, run_python
-from megatron_spo.rollout.types import GenerationRequest, RolloutEngine, Sample, SamplingParams
+from megatron_spo.rollout.types import (
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    RolloutEngine,
+    Sample,
+    SamplingParams,
+)
 
 CODE_BLOCK_RE = re.compile(r"<code>\s*```python\s*\n(.*?)```\s*</code>", re.DOTALL)
 
@@ -89,6 +96,7 @@ class AgentLoopConfig:
             max_turns=rollout.max_assistant_turns,
             max_response_length=rollout.max_response_tokens,
             max_tool_response_length=rollout.max_tool_response_tokens,
+            max_concurrent_tools=rollout.max_concurrent_tools,
             temperature=rollout.temperature,
             top_p=rollout.top_p,
             sandbox=rollout.sandbox,
@@ -284,3 +292,33 @@ class AgentLoop:
                 "terminated_by": trajectory.terminated_by,
             },
         )
+
+
+class AgentEngine(RolloutEngine):
+    """An engine whose `generate` runs the agent loop: each request's n completions are whole
+    tool-using trajectories (completion j's first turn seeded `params.seed + j`), the text to
+    grade being what the model wrote (`model_text`). Evaluation with `rollout.agent: tool` uses
+    it, so held-out accuracy is measured the way the policy is trained: with its tools."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer, config: AgentLoopConfig):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.loop = AgentLoop(engine, tokenizer, config)
+        self.spmd = getattr(engine, "spmd", False)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        tasks = [AgentTask(prompt_key=i, prompt_token_ids=list(r.prompt_token_ids),
+                           seed=None if r.params.seed is None else r.params.seed + j)
+                 for i, r in enumerate(requests) for j in range(r.params.n)]
+        samples = iter(self.loop.run(tasks))
+        results = []
+        for request in requests:
+            completions = []
+            for _ in range(request.params.n):
+                s = next(samples)
+                completions.append(Completion(token_ids=s.response_token_ids, logprobs=s.response_logprobs,
+                                              finish_reason=s.finish_reason, text=s.extra["model_text"]))
+            results.append(GenerationResult(request=request, completions=completions))
+        return results
+
+    def update_weights(self, named_tensors) -> None:
+        self.engine.update_weights(named_tensors)

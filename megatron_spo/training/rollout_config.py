@@ -43,6 +43,9 @@ class RolloutConfig:
     """tool agent: assistant turns per trajectory at most (the authors' 8)."""
     max_tool_response_tokens: int = 256
     """tool agent: interpreter output is truncated to this many tokens (the authors' 256)."""
+    max_concurrent_tools: int = 8
+    """tool agent: sandbox executions running at once on each rank (threads, each driving a
+    sandbox process); more when tool calls mostly wait (I/O, slow services) rather than compute."""
     offload_actor: bool = False
     """Colocation: the actor's (and the reference's) weights, gradients and optimizer state go
     to host memory while the engine generates, and come back before the actor computes (verl's
@@ -86,8 +89,10 @@ class RolloutConfig:
             raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_response_tokens < 1 or self.max_assistant_turns < 1 or self.max_tool_response_tokens < 1:
-            raise ValueError("max_response_tokens, max_assistant_turns and max_tool_response_tokens must be >= 1")
+        if self.max_response_tokens < 1 or self.max_assistant_turns < 1 or self.max_tool_response_tokens < 1 \
+                or self.max_concurrent_tools < 1:
+            raise ValueError("max_response_tokens, max_assistant_turns, max_tool_response_tokens and "
+                             "max_concurrent_tools must be >= 1")
         if self.max_inflight < 1:
             raise UserError(f"rollout.max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_staleness < 0:

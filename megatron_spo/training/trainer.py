@@ -386,7 +386,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, pass@k and maj@k of the current policy (`training.evaluation`;
-        generation split over the rollout groups, as in training)."""
+        generation split over the rollout groups, as in training; with `rollout.agent: tool`, each
+        sample a whole tool-using trajectory, graded on what the model wrote)."""
         from megatron_spo.rollout.records import load_records
         from megatron_spo.training.evaluation import evaluate_policy
 
@@ -398,7 +399,12 @@ class Trainer:
         # async mode: the stream waits between two decoding steps while the engine evaluates
         with self.async_rollouts.paused() if self.async_rollouts is not None else contextlib.nullcontext():
             self._load_engine_weights(self.actor.export_hf())
-            metrics = evaluate_policy(self.engine, self.tokenizer, self._eval_records, cfg, pool=self.scorer,
+            engine = self.engine
+            if self.algorithm.agent is not None:  # the tool agent: evaluated with its tools, as it trains
+                from megatron_spo.rollout.agent_loop import AgentEngine
+
+                engine = AgentEngine(self.engine, self.tokenizer, self.algorithm.agent)
+            metrics = evaluate_policy(engine, self.tokenizer, self._eval_records, cfg, pool=self.scorer,
                                       parallel=self.parallel)
         self.colocation.for_training()
         return metrics

@@ -251,7 +251,29 @@ def test_config_from_the_trainers_rollout_section():
     from megatron_spo.training.config import RolloutConfig
 
     rollout = RolloutConfig(max_assistant_turns=3, max_response_tokens=1000, max_tool_response_tokens=64,
-                            temperature=0.7, sandbox=SandboxConfig(timeout_s=2))
+                            temperature=0.7, sandbox=SandboxConfig(timeout_s=2), max_concurrent_tools=5)
+    assert AgentLoopConfig.from_rollout(rollout).max_concurrent_tools == 5
     config = AgentLoopConfig.from_rollout(rollout, max_concurrent_tools=2)
     assert (config.max_turns, config.max_response_length, config.max_tool_response_length) == (3, 1000, 64)
     assert (config.temperature, config.sandbox.timeout_s, config.max_concurrent_tools) == (0.7, 2, 2)
+
+
+def test_agent_engine_gives_whole_trajectories_graded_on_the_model_text(tokenizer):
+    """`AgentEngine.generate` (the tool agent's evaluation): each completion is a whole
+    trajectory, its text what the model wrote (a box the code printed does not count)."""
+    from megatron_spo.rollout.agent_loop import AgentEngine
+    from megatron_spo.rollout.types import GenerationRequest, SamplingParams
+
+    turn0 = code("print('\\\\boxed{1}')")
+    turn1 = "So \\boxed{42}." + EOS
+    engine = ScriptedEngine(tokenizer, {"Q1: ": [turn0, turn1], "Q2: ": ["\\boxed{7}" + EOS]})
+    agent = AgentEngine(engine, tokenizer, AgentLoopConfig(sandbox=FAST_SANDBOX))
+    results = agent.generate([GenerationRequest(prompt_token_ids=_ids(tokenizer, p), params=SamplingParams(seed=3))
+                              for p in ("Q1: ", "Q2: ")])
+    [c1], [c2] = [r.completions for r in results]
+    assert c1.text == turn0 + "So \\boxed{42}."  # not the interpreter's \boxed{1}
+    tool_text = "<interpreter>\n\\boxed{1}\n</interpreter>\n"
+    assert c1.token_ids == _ids(tokenizer, turn0) + _ids(tokenizer, tool_text) + _ids(tokenizer, turn1)
+    assert c2.text == "\\boxed{7}" and c2.finish_reason == "stop"
+    assert [len(call) for call in engine.calls] == [2, 1]  # both first turns in one batch
+    assert engine.calls[0][0].params.seed == 3
