@@ -51,7 +51,9 @@ class MemoryPlan:
     footer: list[str]
 
     @classmethod
-    def from_results(cls, cfg, results: list[dict]) -> "MemoryPlan":
+    def from_results(cls, cfg, results: list[dict], *, rollout_ranks: int = 0) -> "MemoryPlan":
+        """The plan of the measured roles; with `rollout_ranks` (disaggregated placement) the
+        trainer roles hold no engine and a computed rollout-rank column holds it instead."""
         r0 = results[0]
         roll = cfg.rollout
         eng = roll.engine
@@ -70,6 +72,8 @@ class MemoryPlan:
                 engine_total = eng.gpu_memory_utilization * budget
             else:
                 engine_total = engine_weights
+            if rollout_ranks:  # the engine lives on the rollout ranks
+                engine_weights = engine_total = 0.0
             items = {
                 "parameters (" + r["dtype"] + ")": r["param_bytes"],
                 "gradients (fp32 buffer)": r["grad_bytes"],
@@ -104,7 +108,11 @@ class MemoryPlan:
                              _largest({**_resident(items), "activations + logits + loss buffers": peak(UPDATE),
                                        "rollout engine (awake, not asleep)": engine_training})),
             }
+            if rollout_ranks:
+                items["weight broadcast bucket"] = float(r["broadcast_bucket_bytes"])
             roles.append(RolePlan(r["rank"], r["role"], items, phases, r["wall_seconds"]))
+        if rollout_ranks:
+            roles.append(_rollout_rank_plan(cfg, results, rollout_ranks, budget, list(roles[0].items)))
         header = [
             f"memory plan per GPU (GiB; budget {cfg.dry_run.gpu_memory_gib:g}), measured from live accelerator tensors "
             f"on the simulated ranks",
@@ -162,6 +170,25 @@ class MemoryPlan:
         value, phase, largest, rank = worst
         return (f"phase '{phase}' on rank {rank} needs {_gib(value)} GiB > {self.budget_gib:g} GiB "
                 f"(dry_run.gpu_memory_gib); largest item: {largest}")
+
+
+def _rollout_rank_plan(cfg, results: list[dict], rollout_ranks: int, budget: float, names: list[str]) -> RolePlan:
+    """The first rollout rank of a disaggregated job, counted (not executed): the engine (its
+    weights, and vLLM's reservation) and the largest weight bucket it receives."""
+    eng = cfg.rollout.engine
+    weights = results[0]["hf_numel"] * _DTYPE_BYTES.get(eng.dtype, 2)
+    total = eng.gpu_memory_utilization * budget if eng.name == "vllm" else weights
+    bucket = float(max(r["broadcast_bucket_bytes"] for r in results))
+    items = {name: 0.0 for name in names}
+    items.update({"rollout engine: weights": weights, "rollout engine: KV cache + activations": max(total - weights, 0.0),
+                  "weight broadcast bucket": bucket})
+    engine = "rollout engine (reserved)"
+    phases = {"weight sync": (total + bucket, _largest({engine: total, "weight broadcast bucket": bucket})),
+              "rollout": (total, _largest({engine: total})),
+              "training": (total, _largest({engine: total}))}
+    trainers = cfg.dry_run.world_size - rollout_ranks
+    return RolePlan(trainers, f"rollout rank (first of {rollout_ranks}): the engine only; counted from the config, "
+                              "not executed", items, phases, 0.0)
 
 
 def _resident(items: dict[str, float]) -> dict[str, float]:

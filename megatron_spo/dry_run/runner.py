@@ -35,8 +35,9 @@ GIB = 2**30
 # ----------------------------------------------------------------------------- the config
 
 
-def _layout(cfg) -> tuple[int, int, int, int]:
-    world = cfg.dry_run.world_size
+def _layout(cfg, rollout_ranks: int = 0) -> tuple[int, int, int, int]:
+    """(the trainers' world, tp, pp, dp): the simulated cluster less its `rollout_ranks`."""
+    world = cfg.dry_run.world_size - rollout_ranks
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if world % (tp * pp):
         raise UserError(f"dry_run: parallel.tp ({tp}) x parallel.pp ({pp}) does not divide the simulated world "
@@ -63,7 +64,8 @@ def _section(data: dict, key: str) -> dict:
 
 
 def prepare_config(config_path: str | None, overrides: list[str], workdir: Path):
-    """The run's config with what the dry run does not read replaced; returns (config, notes)."""
+    """The run's config with what the dry run does not read replaced; returns (config, its data,
+    notes, parallel.rollout_ranks). The config is the trainer ranks' (rollout_ranks set to 0)."""
     from megatron_spo.config import apply_overrides, check_moved, from_dict, load_yaml
     from megatron_spo.training.config import TrainConfig
 
@@ -93,8 +95,18 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
         notes.append(f"algorithm.spo.offline_values ({spo['offline_values']}) not read: every prompt starts at the prior")
         spo["offline_values"] = None
     rollout = _section(data, "rollout")
+    rollout_ranks = int(_section(data, "parallel").get("rollout_ranks") or 0)
+    if rollout.get("mode") == "async" or rollout_ranks:
+        full = from_dict(TrainConfig, copy.deepcopy(data), where=f"config {config_path!r}")  # async's own refusals first
+        full.check_world_size(full.dry_run.world_size)
+    if rollout_ranks:
+        trainers = full.dry_run.world_size - rollout_ranks
+        notes.append(f"parallel.rollout_ranks={rollout_ranks}: ranks 0-{trainers - 1} train with no engine on their "
+                     f"GPUs (their weight export runs the real broadcast packing); ranks {trainers}-"
+                     f"{trainers + rollout_ranks - 1} hold the engine and one received weight bucket, counted from "
+                     "the config (the dry run runs no engine)")
+        data["parallel"]["rollout_ranks"] = 0
     if rollout.get("mode") == "async":
-        from_dict(TrainConfig, copy.deepcopy(data), where=f"config {config_path!r}")  # async's own refusals first
         notes.append("rollout.mode=async: planned as the synchronous step; the plan does not hold the stream's KV "
                      "cache resident during the actor update, so leave room for both (max_inflight, "
                      "gpu_memory_utilization)")
@@ -102,7 +114,7 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
     data["run_dir"] = str(workdir / "run")
     data.setdefault("logging", {}).update({"tensorboard": False, "wandb": False, "progress_bar": False})
     cfg = from_dict(TrainConfig, data, where=f"config {config_path!r} (dry run)")
-    world, tp, pp, dp = _layout(cfg)
+    world, tp, pp, dp = _layout(cfg, rollout_ranks)
 
     # shrink the batch, keeping every micro-batch at its worst (see the module docstring)
     b, n = cfg.batch, cfg.rollout.n or 1
@@ -120,7 +132,7 @@ def prepare_config(config_path: str | None, overrides: list[str], workdir: Path)
     notes.append(f"batch: {2 * mini} prompts x {n} (2 mini-batches; per rank {pp} micro-batch(es) of {rows} x "
                  f"{seq_len} tokens each, the configured worst case) instead of {b.train_batch_size}")
     cfg = from_dict(TrainConfig, data, where=f"config {config_path!r} (dry run)")
-    return cfg, data, notes
+    return cfg, data, notes, rollout_ranks
 
 
 # ----------------------------------------------------------------------------- one role
@@ -138,8 +150,10 @@ def _worst_prompts(cfg, dp_rank: int, dp: int) -> list:
                    answer="1" if i % 2 == 0 else "0") for i in range(count)]
 
 
-def run_role(config_file: str, rank: int, out_file: str) -> None:
-    """One rank of the simulated cluster: build, step, checkpoint state; write the measurements."""
+def run_role(config_file: str, rank: int, out_file: str, rollout_ranks: int = 0) -> None:
+    """One rank of the simulated cluster: build, step, checkpoint state; write the measurements.
+    With `rollout_ranks`, a trainer rank of a disaggregated job: its world is the trainers, and
+    its engine stand-in takes the weights through the real broadcast packing (`rollout.remote`)."""
     from megatron_spo import platform
     from megatron_spo.config import from_dict, load_yaml
     from megatron_spo.dry_run import substitutes
@@ -147,7 +161,7 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
     from megatron_spo.training.config import TrainConfig
 
     cfg = from_dict(TrainConfig, load_yaml(config_file), where=config_file)
-    world, tp, pp, dp = _layout(cfg)
+    world, tp, pp, dp = _layout(cfg, rollout_ranks)
     platform.enter_simulation(platform.Simulation(world_size=world, rank=rank, gpus_per_node=cfg.dry_run.gpus_per_node))
     from megatron_spo.models.hf_config import load_model_spec
     from megatron_spo.training.trainer import Trainer, TrainerParts
@@ -157,7 +171,8 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
     audit = Audit()
     platform.observe_storage_resizes(audit.resized)
     engine = substitutes.WorstCaseEngine(vocab_size=spec.vocab_size, max_model_len=cfg.rollout.engine.max_model_len,
-                                         live_bytes=lambda: audit.live)
+                                         live_bytes=lambda: audit.live,
+                                         broadcast_bucket_mb=cfg.rollout.weight_sync.bucket_mb if rollout_ranks else None)
     phases: dict[str, dict[str, float]] = {}
     measured = lambda name, fn: _measured(name, fn, audit, phases)  # noqa: E731
     t_start = time.perf_counter()
@@ -201,6 +216,7 @@ def run_role(config_file: str, rank: int, out_file: str) -> None:
         "static_before_step": static_before, "static_after_step": static_after,
         "logits_bytes": logits_bytes[0], "checkpoint_peak_above": ckpt.peak_above, "checkpoint_keys": checkpoint_keys,
         "phases": phases, "engine_synced_bytes": engine.synced_bytes, "engine_synced_tensors": engine.synced_tensors,
+        "broadcast_buckets": engine.broadcast_buckets, "broadcast_bucket_bytes": engine.broadcast_bucket_bytes,
         "live_at_generate": engine.live_at_generate, "colocation_events": trainer.colocation.events,
         "substitutions": dict(audit.substitutions), "seconds": seconds,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)},
@@ -309,15 +325,17 @@ def dry_run(config_path: str | None, overrides: list[str], *, out=sys.stdout) ->
 
     with tempfile.TemporaryDirectory(prefix="megatron-spo-dry-run-") as tmp:
         workdir = Path(tmp)
-        cfg, data, notes = prepare_config(config_path, overrides, workdir)
-        world, tp, pp, dp = _layout(cfg)
+        cfg, data, notes, rollout_ranks = prepare_config(config_path, overrides, workdir)
+        world, tp, pp, dp = _layout(cfg, rollout_ranks)
         import yaml
 
         config_file = workdir / "config.yaml"
         config_file.write_text(yaml.safe_dump(data, sort_keys=False))
         print(f"dry run: {cfg.dry_run.nodes} node(s) x {cfg.dry_run.gpus_per_node} GPUs of "
-              f"{cfg.dry_run.gpu_memory_gib:g} GiB = world {world}: TP {tp} x PP {pp} x DP {dp}, "
-              f"rollout TP {cfg.rollout.engine.tensor_parallel_size}", file=out, flush=True)
+              f"{cfg.dry_run.gpu_memory_gib:g} GiB = world {world + rollout_ranks}: "
+              + (f"{world} trainer ranks (" if rollout_ranks else "") + f"TP {tp} x PP {pp} x DP {dp}"
+              + (f") + {rollout_ranks} rollout ranks" if rollout_ranks else "")
+              + f", rollout TP {cfg.rollout.engine.tensor_parallel_size}", file=out, flush=True)
         for note in notes:
             print(f"  {note}", file=out)
         results = []
@@ -325,7 +343,8 @@ def dry_run(config_path: str | None, overrides: list[str], *, out=sys.stdout) ->
             result_file = workdir / f"rank{rank}.json"
             t = time.perf_counter()
             proc = subprocess.run(
-                [sys.executable, "-m", "megatron_spo.dry_run.runner", str(config_file), str(rank), str(result_file)],
+                [sys.executable, "-m", "megatron_spo.dry_run.runner", str(config_file), str(rank), str(result_file),
+                 str(rollout_ranks)],
                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
             )
             if proc.returncode != 0:
@@ -338,7 +357,7 @@ def dry_run(config_path: str | None, overrides: list[str], *, out=sys.stdout) ->
             result["wall_seconds"] = time.perf_counter() - t
             results.append(result)
             print(f"  rank {rank} ({role}): ok in {result['wall_seconds']:.1f} s", file=out, flush=True)
-        plan = MemoryPlan.from_results(cfg, results)
+        plan = MemoryPlan.from_results(cfg, results, rollout_ranks=rollout_ranks)
         print(plan.render(), file=out)
         over = plan.over_budget()
         if cfg.dry_run.report_file:
@@ -362,4 +381,4 @@ def _last_error_line(stderr: str) -> str:
 
 
 if __name__ == "__main__":
-    run_role(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    run_role(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 0)

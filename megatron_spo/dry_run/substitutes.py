@@ -90,11 +90,17 @@ class WorstCaseEngine(RolloutEngine):
     allows. Token ids cycle through the vocabulary (never an end token in practice); each
     sampled token's log-probability is -1. Weight updates are consumed and counted."""
 
-    def __init__(self, *, vocab_size: int, max_model_len: int | None, live_bytes=None):
+    def __init__(self, *, vocab_size: int, max_model_len: int | None, live_bytes=None,
+                 broadcast_bucket_mb: float | None = None):
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.synced_bytes = 0
         self.synced_tensors = 0
+        self.broadcast_bucket_mb = broadcast_bucket_mb
+        """Set (parallel.rollout_ranks): the weights are packed into device buckets as the trainer
+        rank of a disaggregated job broadcasts them (`rollout.remote`), to a group that drops them."""
+        self.broadcast_buckets = 0
+        self.broadcast_bucket_bytes = 0
         self.live_bytes = live_bytes  # () -> accelerator bytes the trainer holds now
         self.live_at_generate = 0  # the most the trainer held while this engine generated
 
@@ -115,11 +121,55 @@ class WorstCaseEngine(RolloutEngine):
         return results
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for _, tensor in named_tensors:
+        counted = self._count(named_tensors)
+        if self.broadcast_bucket_mb is None:
+            for _ in counted:
+                pass
+            return
+        from megatron_spo.rollout import remote
+        from megatron_spo.rollout.weight_sync import iter_buckets
+
+        group = _DroppingGroup()
+        for bucket in iter_buckets(counted, int(self.broadcast_bucket_mb * 1e6)):
+            remote._broadcast_bucket(group, bucket)
+            self.broadcast_buckets += 1
+            self.broadcast_bucket_bytes = max(self.broadcast_bucket_bytes, group.largest)
+
+    def _count(self, named_tensors):
+        for name, tensor in named_tensors:
             self.synced_bytes += tensor.numel() * tensor.element_size()
             self.synced_tensors += 1
+            yield name, tensor
 
     def shutdown(self) -> None:
+        pass
+
+
+class _DroppingGroup:
+    """The weight broadcast's group as seen from its root, on the simulated GPU: every tensor must
+    be on the device (NCCL carries no host tensors); the bytes go nowhere. A header is a pickle,
+    so its bytes are made real (`meta` holds none) the way the root reads its own header back."""
+
+    def __init__(self):
+        self.largest = 0
+
+    def rank(self) -> int:
+        return 0
+
+    def broadcast(self, tensors, options):
+        from megatron_spo import platform
+        from megatron_spo.dry_run.audit import DeviceMixError
+
+        for tensor in tensors:
+            if tensor.device != platform.device():
+                raise DeviceMixError(f"weight broadcast (rollout.remote) on a nccl group got a {tensor.device.type} "
+                                     "tensor")
+            self.largest = max(self.largest, tensor.numel() * tensor.element_size())
+        return _Done()
+
+
+class _Done:
+    def wait(self) -> None:
         pass
 
 

@@ -205,18 +205,19 @@ class RemoteStream(EngineStream):
 
 
 def _broadcast_header(group, header) -> Any:
-    """Broadcast a picklable header from group rank 0 (None on the others: returned received)."""
+    """Broadcast a picklable header from group rank 0; returns it on every rank."""
     device = platform.device()
-    if header is not None or group.rank() == 0:
+    root = group.rank() == 0
+    if root:
         data = torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8).to(device)
         size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     else:
         size = torch.zeros(1, dtype=torch.int64, device=device)
     _broadcast(group, size)
-    if group.rank() != 0:
+    if not root:
         data = torch.empty(int(size[0]), dtype=torch.uint8, device=device)
     _broadcast(group, data)
-    return pickle.loads(data.cpu().numpy().tobytes())
+    return header if root else pickle.loads(data.cpu().numpy().tobytes())
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:

@@ -183,7 +183,7 @@ def test_strict_mode_catches_planted_device_bugs(tiny, tmp_path, plant):
     config, _ = tiny
     from megatron_spo.dry_run.runner import prepare_config
 
-    _, data, _ = prepare_config(str(config), [], tmp_path)
+    _, data, _, _ = prepare_config(str(config), [], tmp_path)
     role_config = tmp_path / "role.yaml"
     role_config.write_text(yaml.safe_dump(data))
     script = tmp_path / "plant.py"
@@ -259,10 +259,51 @@ def test_an_async_config_is_planned_as_the_synchronous_step_and_says_so(tiny, tm
     from megatron_spo.dry_run.runner import prepare_config
 
     one_rank_replicas = ["parallel.tp=1", "parallel.pp=1", "rollout.engine.tensor_parallel_size=1"]
-    cfg, data, notes = prepare_config(str(config), ["rollout.mode=async", *one_rank_replicas], tmp_path)
+    cfg, data, notes, _ = prepare_config(str(config), ["rollout.mode=async", *one_rank_replicas], tmp_path)
     assert cfg.rollout.mode == "sync" and data["rollout"]["mode"] == "sync"
     assert any(note.startswith("rollout.mode=async: planned as the synchronous step") for note in notes)
     from megatron_spo.errors import UserError
 
     with pytest.raises(UserError, match="parallel.tp=1"):  # what async mode refuses, the dry run refuses
         prepare_config(str(config), ["rollout.mode=async", "parallel.tp=2"], tmp_path)
+
+
+def test_disaggregated_placement_plans_trainers_without_the_engine_and_a_rollout_rank_with_it(tiny, tmp_path):
+    """parallel.rollout_ranks=2 on 4 simulated GPUs: ranks 0-1 run the real step as the trainers
+    of a world of 2 (DP 2, no engine on their GPUs), their weight export packs the real broadcast
+    buckets on the device; rank 2, the first rollout rank, holds vLLM's reservation and a bucket."""
+    config, hf = tiny
+    report = tmp_path / "report.json"
+    proc = run(["-m", "megatron_spo", "train", "--config", str(config), "--dry-run", f"dry_run.report_file={report}",
+                "parallel.tp=1", "rollout.mode=async", "parallel.rollout_ranks=2", "rollout.weight_sync.bucket_mb=0.1",
+                "algorithm.spo.gen_batch_size=64"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 4: 2 trainer ranks (TP 1 x PP 1 x DP 2) + 2 rollout ranks" in proc.stdout
+    written = json.loads(report.read_text())
+    roles = written["roles"]
+    assert [r["rank"] for r in roles] == [0, 1] and all(r["dp"] == 2 for r in roles)
+    for role in roles:
+        check_closed_form(role, hf, tp=1, dp=2)
+        assert role["broadcast_buckets"] > 1 and 0 < role["broadcast_bucket_bytes"]
+        assert role["engine_synced_bytes"] == role["hf_numel"] * 2  # every weight, bf16, through the packing
+    plans = written["plan"]
+    assert sorted(plans) == ["0", "1", "2"]
+    engine = 0.5 * 2**30  # gpu_memory_utilization 0.5 of the 1 GiB budget
+    for rank in ("0", "1"):
+        assert plans[rank]["items"]["rollout engine: weights"] == 0
+        assert plans[rank]["items"]["rollout engine: KV cache + activations"] == 0
+    rollout = plans["2"]
+    assert rollout["items"]["rollout engine: weights"] == roles[0]["hf_numel"] * 4  # the engine's dtype: float32
+    assert rollout["phases"]["rollout"] == engine
+    assert rollout["phases"]["weight sync"] == engine + max(r["broadcast_bucket_bytes"] for r in roles)
+    assert "rank 2: rollout rank (first of 2)" in proc.stdout
+
+
+def test_a_disaggregated_placement_the_job_cannot_lay_out_is_refused(tiny, tmp_path):
+    config, _ = tiny
+    from megatron_spo.dry_run.runner import prepare_config
+    from megatron_spo.errors import UserError
+
+    with pytest.raises(UserError, match="leaves 3 trainer ranks"):
+        prepare_config(str(config), ["parallel.tp=1", "rollout.mode=async", "parallel.rollout_ranks=1",
+                                     "algorithm.spo.gen_batch_size=64"], tmp_path)
