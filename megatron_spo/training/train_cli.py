@@ -75,9 +75,10 @@ def main(argv: list[str]) -> int:
 
     trainer = Trainer(config)
     interrupted = False
+    ctrl_c = _CtrlC()
     try:
         try:
-            last = trainer.fit()
+            last = trainer.fit(on_step=ctrl_c.check)
         except KeyboardInterrupt:
             interrupted = True
             from megatron_spo.training.checkpointing import complete_checkpoints
@@ -94,7 +95,37 @@ def main(argv: list[str]) -> int:
         if trainer.is_main and last:
             print("final: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items()) if "/" in k), file=sys.stderr)
     finally:
+        ctrl_c.restore()
         if not interrupted:  # an interrupted rank may be inside a collective its peers left
             trainer.close()
             platform.destroy_distributed()
     return 0
+
+
+class _CtrlC:
+    """SIGINT raises KeyboardInterrupt, as Python's own handler does, and is remembered: one that
+    lands while a finalizer runs (where Python prints the exception and drops it) still stops the
+    run, at the end of the step it arrived in."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.seen = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self, step: int, metrics: dict) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import tiny_train_setup
@@ -53,6 +54,31 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_exit_130(tmp_path):
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("megatron-spo train: interrupted during step "), last
     assert "the last complete checkpoint is" in last and "step_" in last, last
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped exception itself
+def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_run():
+    """Python drops an exception raised inside `__del__` ("Exception ignored in"): a SIGINT that
+    lands there would be lost. `train` remembers it and stops at the end of the step."""
+    import signal
+    import time
+
+    from megatron_spo.training.train_cli import _CtrlC
+
+    ctrl_c = _CtrlC()
+    try:
+        class Finalized:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)  # the handler runs in here; its KeyboardInterrupt is dropped
+
+        Finalized()
+        assert ctrl_c.seen
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check(1, {})
+    finally:
+        ctrl_c.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_second_run_on_a_locked_run_dir_gets_one_line_naming_the_holder(tmp_path):
