@@ -100,12 +100,23 @@ class RemoteEngine(RolloutEngine):
 
     def call(self, op: str, arg: Any = None) -> Any:
         with self._lock:
-            self.link.send((op, arg))
+            self._send((op, arg))
             return self._reply()
 
+    def _send(self, message) -> None:
+        try:
+            self.link.send(message)
+        except RolloutRankError:
+            self._closed = True  # the rank is gone: nothing to shut down
+            raise
+
     def _reply(self) -> Any:
-        status, value = self.link.recv()
-        if status == "error":
+        try:
+            status, value = self.link.recv()
+        except RolloutRankError:
+            self._closed = True
+            raise
+        if status == "error":  # the rank failed inside and still serves
             raise RolloutRankError(f"{self.link.peer_name} failed: {value}")
         return value
 
@@ -116,7 +127,7 @@ class RemoteEngine(RolloutEngine):
         """Trainer rank 0 broadcasts the buckets to every rollout rank; each trainer rank tells
         its own rollout rank to receive them (the others only drain the bridge's stream)."""
         with self._lock:
-            self.link.send(("load", None))
+            self._send(("load", None))
             group = self.channels.weights
             if group is None:
                 for _ in named_tensors:
@@ -127,6 +138,7 @@ class RemoteEngine(RolloutEngine):
                         _broadcast_bucket(group, bucket)
                     _broadcast_header(group, None)
                 except RuntimeError as err:  # a rollout rank died mid-broadcast
+                    self._closed = True
                     self.link._wait_failed(err, "the weight broadcast to the rollout ranks")
             self._reply()
 

@@ -16,9 +16,9 @@ from helpers import merge, tiny_train_setup
 pytestmark = pytest.mark.distributed
 
 
-def _run(rank, world_size, overrides, steps, die_at_load=None):
+def _run(rank, world_size, overrides, steps, die_at_load=None, trainer_dies_at_step=None):
     """`megatron-spo train`'s two roles, as its CLI splits them; `die_at_load` kills the rollout
-    rank (SIGKILL) as its k-th weight load starts."""
+    rank (SIGKILL) as its k-th weight load starts, `trainer_dies_at_step` the trainer after that step."""
     from megatron_spo import platform
     from megatron_spo.config import from_dict
     from megatron_spo.training.config import TrainConfig
@@ -39,11 +39,20 @@ def _run(rank, world_size, overrides, steps, die_at_load=None):
                 return original(self, arg)
 
             remote.RolloutServer._op_load = load_then_die
-        return remote.serve(config)
+        try:
+            return remote.serve(config)
+        except remote.RolloutRankError as err:
+            return {"error": f"{type(err).__name__}: {err}"}
     trainer = Trainer(config)
     history = []
+
+    def on_step(step, metrics):
+        history.append(dict(metrics))
+        if step == trainer_dies_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     try:
-        trainer.fit(on_step=lambda step, metrics: history.append(dict(metrics)))
+        trainer.fit(on_step=on_step)
     except Exception as err:  # noqa: BLE001 - the test reads the message
         return {"error": f"{type(err).__name__}: {err}", "history": history, "step": trainer.step}
     params = {k: v.clone() for k, v in trainer.actor.export_hf()}
@@ -107,3 +116,17 @@ def test_a_dead_rollout_rank_stops_the_trainer_with_one_line_and_the_run_resumes
     whole = spawn(2, _run, _disaggregated(base, str(tmp_path / "whole")), 4)[0]
     assert len(resumed["history"]) == 2
     _assert_same_training({"history": whole["history"][2:], "params": whole["params"]}, resumed)
+
+
+def test_a_dead_trainer_stops_its_rollout_rank_with_one_line(spawn, tmp_path):
+    config = _disaggregated(_base(tmp_path), str(tmp_path / "run"))
+    with pytest.raises(AssertionError) as failed:
+        spawn(2, _run, config, 4, None, 1, timeout_s=240)
+    assert "rank 0: no result" in str(failed.value)
+    import pickle
+
+    with open(tmp_path / "rank1.pkl", "rb") as fh:
+        status, rollout = pickle.load(fh)
+    assert status == "ok", rollout
+    assert rollout["error"].startswith("RolloutRankError: trainer rank 0 stopped ("), rollout
+    assert "\n" not in rollout["error"]
