@@ -10,7 +10,9 @@ values and `spo.yaml`). From that warm start the RL stage runs, through the prod
 - sync x2:   the demo's own setting (2 data-parallel ranks, one core each; generation, then training);
 - async x1:  rollout.mode=async on 1 rank: the engine's driver thread generates on one core while
              the trainer trains on the other (max_staleness `--staleness`, partial rollouts off);
-- async x2:  rollout.mode=async on 2 ranks (each rank's driver shares its core with its trainer).
+- async x2:  rollout.mode=async on 2 ranks (each rank's driver shares its core with its trainer);
+- async 1+1: rollout.mode=async with parallel.rollout_ranks=1: rank 1 only generates, rank 0 only
+             trains (disaggregated: generation and the update on different cores).
 
 All three see the same held-out evaluation (400 prompts, 1 sample at temperature 1) every
 `--eval-every` steps, and the same number of steps. Reported per seed: the sync run's final
@@ -64,7 +66,8 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--max-inflight", type=int, default=32)
     parser.add_argument("--runs", nargs="+", default=["sync x2", "async x1", "async x2"],
-                        choices=["sync x2", "async x1", "async x2"], help="which runs (sync x2 always runs)")
+                        choices=["sync x2", "async x1", "async x2", "async 1+1"],
+                        help="which runs (sync x2 always runs)")
     args = parser.parse_args()
     common = [f"eval.every_steps={args.eval_every}"] + ([f"total_steps={args.steps}"] if args.steps else [])
     streamed = ["rollout.mode=async", f"rollout.max_staleness={args.staleness}",
@@ -76,6 +79,9 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         runs = {"sync x2": _train(demo, out / "sync2", 2, common)}
         for name in [r for r in args.runs if r != "sync x2"]:
+            if name == "async 1+1":  # rank 1 only generates, rank 0 only trains
+                runs[name] = _train(demo, out / "async1p1", 2, common + streamed + ["parallel.rollout_ranks=1"])
+                continue
             nproc = int(name[-1])
             runs[name] = _train(demo, out / f"async{nproc}", nproc, common + streamed)
         sync_curve, sync_wall = _curve(runs["sync x2"])

@@ -174,19 +174,17 @@ def run_setting(config: Path, run_dir: Path, nproc: int, overrides: list[str]) -
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Trained trajectories per second (evaluations excluded) and accuracy against wall time."""
+    """Trained trajectories per second of step time (evaluations excluded) and the held-out
+    accuracy against wall time since the first step started (evaluations included)."""
     steps = [r for r in rows if "perf/step_s" in r]
     start = steps[0]["time"] - steps[0]["perf/step_s"]
-    evals, eval_seconds, curve = 0.0, 0.0, []
-    for r in rows:
-        if "eval/accuracy" in r:
-            curve.append((r["time"] - start, r["eval/accuracy"]))
-    # an evaluation's time is the gap between its row's time and the step before it ended
+    curve = [(r["time"] - start, r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     step_seconds = sum(r["perf/step_s"] for r in steps)
     trained = sum(r.get("rollout/train_sequences", 0.0) for r in steps)
     return {"steps": len(steps), "trained": trained, "train_seconds": step_seconds,
             "trajectories_per_s": trained / step_seconds, "curve": curve,
-            "final_accuracy": curve[-1][1] if curve else float("nan"), "evals": evals, "eval_seconds": eval_seconds}
+            "final_accuracy": curve[-1][1] if curve else float("nan"),
+            "mean_step_s": step_seconds / len(steps), "wait_s": sum(r.get("async/wait_s", 0.0) for r in steps)}
 
 
 def _time_to(curve, target: float):

@@ -113,17 +113,7 @@ class MemoryPlan:
             roles.append(RolePlan(r["rank"], r["role"], items, phases, r["wall_seconds"]))
         if rollout_ranks:
             roles.append(_rollout_rank_plan(cfg, results, rollout_ranks, budget, list(roles[0].items)))
-        header = [
-            f"memory plan per GPU (GiB; budget {cfg.dry_run.gpu_memory_gib:g}), measured from live accelerator tensors "
-            f"on the simulated ranks",
-            f"layer spec: {'Transformer Engine' if r0['attention'] == 'transformer-engine' else 'local (torch-native; Transformer Engine is not importable without CUDA): norms and activations unfused, an upper bound on TE'}; "
-            f"attention counted as flash attention (no T x T scores)",
-            f"optimizer: {'Megatron distributed (state sharded over DP ' + str(r0['dp']) + ')' if r0['distributed_optimizer'] else 'Megatron (unsharded)'}; "
-            f"rollout engine {eng.name}: " + (f"reserves gpu_memory_utilization {eng.gpu_memory_utilization:g} of the GPU "
-                                                 f"(not executed; from the config)" if eng.name == "vllm" else "weights only"),
-            f"colocation: engine sleeps while the actor trains: {'yes' if eng.enable_sleep_mode else 'NO (rollout.engine.enable_sleep_mode)'}; "
-            f"actor offloaded while the engine generates: {'yes' if roll.offload_actor else 'NO (rollout.offload_actor)'}",
-        ]
+        header = _header(cfg, r0)
         subs: dict[str, int] = {}
         for r in results:
             for k, v in r["substitutions"].items():
@@ -170,6 +160,22 @@ class MemoryPlan:
         value, phase, largest, rank = worst
         return (f"phase '{phase}' on rank {rank} needs {_gib(value)} GiB > {self.budget_gib:g} GiB "
                 f"(dry_run.gpu_memory_gib); largest item: {largest}")
+
+
+def _header(cfg, r0: dict) -> list[str]:
+    """The plan's first lines: how it was measured, the layer spec, optimizer, engine, colocation."""
+    eng, roll = cfg.rollout.engine, cfg.rollout
+    return [
+        f"memory plan per GPU (GiB; budget {cfg.dry_run.gpu_memory_gib:g}), measured from live accelerator tensors "
+        f"on the simulated ranks",
+        f"layer spec: {'Transformer Engine' if r0['attention'] == 'transformer-engine' else 'local (torch-native; Transformer Engine is not importable without CUDA): norms and activations unfused, an upper bound on TE'}; "
+        f"attention counted as flash attention (no T x T scores)",
+        f"optimizer: {'Megatron distributed (state sharded over DP ' + str(r0['dp']) + ')' if r0['distributed_optimizer'] else 'Megatron (unsharded)'}; "
+        f"rollout engine {eng.name}: " + (f"reserves gpu_memory_utilization {eng.gpu_memory_utilization:g} of the GPU "
+                                             f"(not executed; from the config)" if eng.name == "vllm" else "weights only"),
+        f"colocation: engine sleeps while the actor trains: {'yes' if eng.enable_sleep_mode else 'NO (rollout.engine.enable_sleep_mode)'}; "
+        f"actor offloaded while the engine generates: {'yes' if roll.offload_actor else 'NO (rollout.offload_actor)'}",
+    ]
 
 
 def _rollout_rank_plan(cfg, results: list[dict], rollout_ranks: int, budget: float, names: list[str]) -> RolePlan:

@@ -4,6 +4,9 @@ Launch with torchrun at any scale:
 
     torchrun --nproc_per_node 2 -m megatron_spo train --config examples/cpu/spo.yaml total_steps=50
 
+With `parallel.rollout_ranks=K` (and `rollout.mode=async`) the job's last K ranks run the rollout
+engines only (`rollout.remote.serve`) and the first K train.
+
 The run directory (`run_dir`) receives config.yaml (the effective config), metrics.jsonl,
 TensorBoard events, checkpoints/ (resumed automatically from the latest complete one) and, at the
 end, hf/ (the trained model as a Hugging Face directory).

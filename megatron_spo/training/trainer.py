@@ -139,7 +139,7 @@ class Trainer:
 
     def _make_engine(self):
         """This rank's engine; with parallel.rollout_ranks, a handle on its rollout rank's
-        (`rollout.remote`: the job's rank world + i serves trainer rank i)."""
+        (`rollout.remote`: the job's rank (trainer ranks) + i serves trainer rank i)."""
         from megatron_spo.rollout.engine import make_engine
         from megatron_spo.rollout.remote import RemoteEngine
 
