@@ -264,7 +264,9 @@ class Trainer:
             algo.before_generation(ctx, prompts)  # p_hat when the trajectory is trained
         batch = TrainBatch.from_rollout(rollout, ctx.pad_id)
         stale = None if taken is None else self._stale_tokens(taken, rollout, batch)
-        needs_old = algo.needs_old_logprobs(cfg.batch) or (stale is not None and bool(stale.any()))
+        # every rank agrees on the old pass (its metrics are collective), stale tokens on any rank or none
+        any_stale = stale is not None and ctx.reduce_max(torch.tensor([float(stale.any())]))[0].item() > 0
+        needs_old = algo.needs_old_logprobs(cfg.batch) or any_stale
         old = self.logprobs(self.actor, batch) if needs_old else None
         if algo.keeps_engine_after_generation:
             t_more = time.perf_counter()

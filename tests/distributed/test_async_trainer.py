@@ -13,11 +13,16 @@ from helpers import merge, tiny_train_setup
 pytestmark = pytest.mark.distributed
 
 
-def _async_run(rank, world_size, overrides, steps):
+def _async_run(rank, world_size, overrides, steps, uneven_stale=False):
+    """`uneven_stale`: rank 1 sees no stale token (as a rank whose trajectories all finished in the
+    current version does): the ranks must still agree on the old pass, whose metrics are collective."""
     from megatron_spo.config import from_dict
     from megatron_spo.training.config import TrainConfig
     from megatron_spo.training.trainer import Trainer
 
+    if uneven_stale and rank == 1:
+        real = Trainer._stale_tokens
+        Trainer._stale_tokens = lambda self, *args: torch.zeros_like(real(self, *args))
     trainer = Trainer(from_dict(TrainConfig, {**overrides, "total_steps": steps}))
     resumed_at = trainer.step
     inflight_at_start = set(trainer.async_rollouts.inflight_keys)
@@ -41,8 +46,10 @@ def _config(tmp_path, **rollout):
 
 
 def test_async_staleness_1_trains_resumes_and_keeps_in_flight_prompts(spawn, tmp_path):
-    config = _config(tmp_path)
-    first = spawn(2, _async_run, config, 2)
+    # one mini-batch a step: the old pass runs only for stale tokens, and rank 1 reports none
+    config = merge(_config(tmp_path), {"batch": {"mini_batch_size": 4}})
+    first = spawn(2, _async_run, config, 2, True)
+    assert any(m["async/stale_token_fraction"] > 0 for m in first[0]["history"])  # rank 0 had some
     for rank in first:
         assert [m["async/staleness_max"] <= 1 for m in rank["history"]] == [True, True]
         assert all(m["rollout/train_sequences"] == 4 for m in rank["history"])

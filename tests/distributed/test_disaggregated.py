@@ -60,13 +60,25 @@ def _run(rank, world_size, overrides, steps, die_at_load=None, trainer_dies_at_s
     return {"history": history, "params": params, "is_remote": type(trainer.engine).__name__}
 
 
-def _base(tmp_path):
-    return merge(tiny_train_setup(tmp_path), {"checkpoint": {"every_steps": 0}})
+def _base(root):
+    return merge(tiny_train_setup(root), {"checkpoint": {"every_steps": 2}})  # checkpoints change nothing
 
 
 def _disaggregated(base, run_dir, **rollout):
     return merge(base, {"run_dir": run_dir, "parallel": {"rollout_ranks": 1},
                         "rollout": {"mode": "async", "max_staleness": 0, "max_inflight": 3, **rollout}})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(root, base config, the colocated sync run on 1 rank, the disaggregated run on 1 + 1), 4 steps each."""
+    from helpers import distributed_run
+
+    root = tmp_path_factory.mktemp("disaggregated")
+    base = _base(root)
+    sync = distributed_run(1, _run, {**base, "run_dir": str(root / "sync")}, 4, workdir=root)[0]
+    split = distributed_run(2, _run, _disaggregated(base, str(root / "split")), 4, workdir=root)
+    return root, base, sync, split
 
 
 def _assert_same_training(a, b):
@@ -78,12 +90,10 @@ def _assert_same_training(a, b):
         assert torch.equal(tensor, b["params"][name]), name
 
 
-def test_disaggregated_staleness_0_trains_exactly_as_colocated_sync(spawn, tmp_path):
+def test_disaggregated_staleness_0_trains_exactly_as_colocated_sync(reference):
     """3 slots on the rollout rank for 4 sequences a step: slots are refilled remotely, the
     weights reach the rollout rank by broadcast after every step, and 4 steps are sync's."""
-    base = _base(tmp_path)
-    sync = spawn(1, _run, {**base, "run_dir": str(tmp_path / "sync")}, 4)[0]
-    split = spawn(2, _run, _disaggregated(base, str(tmp_path / "split")), 4)
+    _, _, sync, split = reference
     trainer = split[0]
     assert "error" not in trainer, trainer.get("error")
     assert trainer["is_remote"] == "RemoteEngine" and split[1] == 0
@@ -92,19 +102,18 @@ def test_disaggregated_staleness_0_trains_exactly_as_colocated_sync(spawn, tmp_p
     assert all(m["perf/weight_sync_s"] > 0 for m in trainer["history"])
 
 
-def test_a_dead_rollout_rank_stops_the_trainer_with_one_line_and_the_run_resumes(spawn, tmp_path):
+def test_a_dead_rollout_rank_stops_the_trainer_with_one_line_and_the_run_resumes(reference, spawn, tmp_path):
     """SIGKILL on the rollout rank as its 4th weight load starts (loads: the start, after step 1,
     after step 2, after step 3; the checkpoint is at step 2): the trainer raises one line naming
     the rank in step 3, and the same command resumes from step 2 and ends as an uninterrupted run."""
-    base = merge(_base(tmp_path), {"checkpoint": {"every_steps": 2}})
+    import pickle
+
+    _, base, _, split = reference
     config = _disaggregated(base, str(tmp_path / "run"))
     with pytest.raises(AssertionError) as failed:
         spawn(2, _run, config, 4, 4, timeout_s=240)
     assert "rank 1: no result" in str(failed.value)  # the killed rollout rank
-    result_file = tmp_path / "rank0.pkl"
-    import pickle
-
-    with open(result_file, "rb") as fh:
+    with open(tmp_path / "rank0.pkl", "rb") as fh:
         status, trainer = pickle.load(fh)
     assert status == "ok" and trainer["step"] == 2 and len(trainer["history"]) == 2, trainer
     message = trainer["error"]
@@ -113,8 +122,8 @@ def test_a_dead_rollout_rank_stops_the_trainer_with_one_line_and_the_run_resumes
 
     resumed = spawn(2, _run, config, 4)[0]
     assert "error" not in resumed, resumed.get("error")
-    whole = spawn(2, _run, _disaggregated(base, str(tmp_path / "whole")), 4)[0]
     assert len(resumed["history"]) == 2
+    whole = split[0]
     _assert_same_training({"history": whole["history"][2:], "params": whole["params"]}, resumed)
 
 

@@ -75,6 +75,7 @@ def _tool_agent_step(rank, world_size, config):
         Recording(algorithms.build(cfg, setup))) or recording[0])
     trainer = Trainer(cfg, parts=parts)
     metrics = trainer.train_step()
+    evaluation = trainer.evaluate()
     trainer.close()
     rollout, seq = recording[0].seen[0]
     tool_text = [trainer.tokenizer.decode([t for t, m in zip(r, mask) if not m])
@@ -86,7 +87,7 @@ def _tool_agent_step(rank, world_size, config):
         for row, (c, m) in enumerate(zip(rollout.contexts, rollout.masks))
     )
     return {"tool_text": tool_text, "model_text": model_text, "rewards": rollout.rewards, "mask_ok": mask_ok,
-            "metrics": metrics}
+            "metrics": metrics, "evaluation": evaluation}
 
 
 @pytest.mark.parametrize("algorithm,mode,n", [("grpo", "sync", 2), ("spo", "async", 1)])
@@ -100,6 +101,7 @@ def test_tool_agent_loop_masks_interpreter_output_and_trains(spawn, tmp_path, al
         "rollout": {"agent": "tool", "n": n, "max_response_tokens": 200, "max_assistant_turns": 3, "mode": mode,
                     "reward": {"pool": "inline", "function": "megatron_spo.rollout.rewards:math_reward"}},
         "batch": {"train_batch_size": 2, "mini_batch_size": 2},
+        "eval": {"files": [str(data)], "n": 1},
     })
     out = spawn(1, _tool_agent_step, config)[0]
     assert all("<interpreter>" in t and "42" in t for t in out["tool_text"]), out["tool_text"]
@@ -107,6 +109,8 @@ def test_tool_agent_loop_masks_interpreter_output_and_trains(spawn, tmp_path, al
     assert out["mask_ok"], "the response mask of the training sequences does not follow the agent's mask"
     assert out["rewards"] == [1.0] * 2 * n  # graded on what the model wrote
     assert out["metrics"]["reward/mean"] == 1.0
+    # the held-out evaluation runs the agent too: the box comes in the turn after the tool's output
+    assert out["evaluation"]["eval/accuracy"] == 1.0
 
 
 def _run(rank, world_size, config, steps):
