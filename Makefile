@@ -10,7 +10,7 @@ DAPO_ORACLE ?= verl==0.9.1
 # `make test` installs it (~4 min, 3.7 GB) and runs the vLLM tests there; VLLM_TESTS=0 skips them.
 VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
-VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/distributed/test_weight_sync_vllm.py
+VLLM_TEST_FILES := tests/unit/test_vllm_engine.py tests/unit/test_vllm_estimate.py tests/unit/test_vllm_stream.py tests/distributed/test_weight_sync_vllm.py tests/distributed/test_disaggregated_vllm.py
 
 .PHONY: install install-vllm install-gpu test test-large test-vllm test-gpu test-fast demo dry-run bench-trl clean
 

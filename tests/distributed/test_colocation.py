@@ -43,7 +43,7 @@ def _assert_identical(a, b):
     assert all(torch.equal(x, y) for x, y in zip(a["moments"], b["moments"]))
 
 
-@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+@pytest.mark.parametrize("optimizer", [pytest.param("plain", marks=pytest.mark.large), "distributed"])  # CI time
 def test_colocated_run_equals_resident_run_and_frees_the_actor_during_generation(spawn, tmp_path, optimizer):
     base = tiny_train_setup(tmp_path)
     if optimizer == "distributed":  # bf16 weights in DDP's parameter buffer, fp32 master shards
@@ -62,7 +62,7 @@ def test_colocated_run_equals_resident_run_and_frees_the_actor_during_generation
     assert plain["events"] == [[]] * 3  # nothing moves unless asked
 
 
-@pytest.mark.parametrize("algorithm", ["spo_chain", "soft_spo"])
+@pytest.mark.parametrize("algorithm", [pytest.param("spo_chain", marks=pytest.mark.large), "soft_spo"])  # CI time
 def test_colocation_with_a_reference_and_a_second_generation(spawn, tmp_path, algorithm):
     """spo_chain generates continuations after the old-policy pass (the engine stays awake over
     it); soft_spo loads the reference into the engine for Q0 first. Both also offload the

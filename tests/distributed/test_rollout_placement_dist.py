@@ -49,7 +49,7 @@ def _train_counting(rank, world_size, overrides, tp):
             "train_work": train_work, "eval_work": eval_work}
 
 
-@pytest.mark.parametrize("algorithm", ["spo", "spo_chain"])
+@pytest.mark.parametrize("algorithm", ["spo", pytest.param("spo_chain", marks=pytest.mark.large)])  # CI time
 def test_actor_tp2_generates_each_prompt_once_and_equals_single_process(spawn, tmp_path, algorithm):
     base = {**algorithm_setup(tmp_path, algorithm), "checkpoint": {"every_steps": 0},
             "eval": {"files": [str(tmp_path / "train.jsonl")], "n": 2, "max_response_tokens": 4}}

@@ -81,7 +81,7 @@ def test_resume_reproduces_uninterrupted_run(spawn, tmp_path):
     assert first["history"] == full["history"][:3]
 
 
-@pytest.mark.parametrize("optimizer", ["distributed", "plain"])
+@pytest.mark.parametrize("optimizer", ["distributed", pytest.param("plain", marks=pytest.mark.large)])  # CI time
 def test_resume_at_dp2_restores_optimizer_state(spawn, tmp_path, optimizer):
     """At DP=2, a run resumed in a fresh process group from its step-1 checkpoint ends step 2 with
     the parameters and the optimizer state (Adam moments, fp32 master weights, step) of the run
@@ -124,7 +124,8 @@ def test_one_step_at_dp2_tp2_pp2_equals_single_process(spawn, tmp_path):
             _assert_same(single, res, f"TP={tp} PP={pp} rank {rank}")
 
 
-@pytest.mark.parametrize("algorithm", ["spo_chain", "spo_tree", "soft_spo"])
+@pytest.mark.parametrize("algorithm", [pytest.param("spo_chain", marks=pytest.mark.large), "spo_tree",
+                                       pytest.param("soft_spo", marks=pytest.mark.large)])  # CI time
 def test_other_spos_one_step_at_tp2_equals_tp1(spawn, tmp_path, algorithm):
     """One step of each of the other SPOs at TP=2 equals the unsplit model's step (metrics and
     parameters); spo_tree also at DP=2, where ranks hold different numbers of edges."""
@@ -156,7 +157,8 @@ def test_spo_tree_edge_replay_resumes_exactly(spawn, tmp_path):
     _assert_same({**full, "history": full["history"][1:]}, resumed, "resumed run")
 
 
-@pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("kill", [pytest.param(signal.SIGKILL, id="SIGKILL"),
+                                  pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.large)])  # CI time
 def test_kill_during_checkpoint_write_is_ignored_on_resume(tmp_path, kill):
     """A kill while step 2's checkpoint is being written: no process the run started outlives it
     (the checkpoint writer's helpers die with it) and the resume starts from step 1's."""
