@@ -1,6 +1,9 @@
 """Asynchronous rollout where generation time is long-tailed: the ReTool agent with slow tools.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/async_rollout.py --out runs/async_rollout [--steps 40]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/async_rollout.py --out runs/async_rollout \
+        --steps 30 --eval-every 10 --eval-prompts 128 --lr 3e-4 --workloads "tool latency"
+    ... --steps 12 --eval-every 6 --eval-prompts 128 --lr 3e-4 --workloads "no latency"
+    (the two runs in bench/RESULTS.md, ~45 and ~10 minutes on 2 CPU cores)
 
 The workload: the demo's arithmetic prompts, answered by a tiny model warm-started (SFT) to write
 `print(<expression>)` in a code block, read the interpreter's output and box it; the SFT labels
@@ -214,7 +217,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/async_rollout"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-prompts", type=int, default=200)
     parser.add_argument("--sft-steps", type=int, default=600)
