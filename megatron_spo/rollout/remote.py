@@ -174,10 +174,7 @@ class RemoteStream(EngineStream):
         self._version = value
 
     def submit(self, requests: Sequence[StreamRequest]) -> None:
-        for request in requests:
-            if request.params.n != 1:
-                raise ValueError(f"stream request {request.tag!r}: n must be 1 (one sequence per slot), "
-                                 f"got {request.params.n}")
+        self._check(requests)
         sent = []
         for request in requests:
             self._ids += 1
@@ -325,19 +322,26 @@ class RolloutServer:
                 self._error, self._parked = err, True
                 self._cv.notify_all()
 
-    @contextlib.contextmanager
-    def _held(self):
-        """Decoding parked between two steps while the body runs."""
+    def _park(self) -> None:
+        """Hold decoding: returns once the decoding thread is parked between two steps."""
         with self._cv:
             self._holds += 1
             while not self._parked:
                 self._cv.wait()
+
+    def _unpark(self) -> None:
+        with self._cv:
+            self._holds -= 1
+            self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def _held(self):
+        """Decoding parked between two steps while the body runs."""
+        self._park()
         try:
             yield
         finally:
-            with self._cv:
-                self._holds -= 1
-                self._cv.notify_all()
+            self._unpark()
 
     def _halt(self) -> None:
         with self._cv:
@@ -382,16 +386,11 @@ class RolloutServer:
             return [r.tag for r in self.stream.clear_queue()]
 
     def _op_hold(self, _) -> None:
-        with self._cv:
-            self._holds += 1
-            while not self._parked:
-                self._cv.wait()
+        self._park()
         self._raise_error()
 
     def _op_release(self, _) -> None:
-        with self._cv:
-            self._holds -= 1
-            self._cv.notify_all()
+        self._unpark()
 
     def _op_version(self, version: int) -> None:
         with self._held():

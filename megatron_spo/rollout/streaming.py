@@ -61,11 +61,15 @@ class EngineStream(abc.ABC):
 
     def submit(self, requests: Sequence[StreamRequest]) -> None:
         """Queue requests; they are admitted in submission order as slots free."""
+        self._check(requests)
+        self._queue.extend(requests)
+
+    @staticmethod
+    def _check(requests: Sequence[StreamRequest]) -> None:
         for request in requests:
             if request.params.n != 1:
                 raise ValueError(f"stream request {request.tag!r}: n must be 1 (one sequence per slot), "
                                  f"got {request.params.n}")
-            self._queue.append(request)
 
     @property
     def num_queued(self) -> int:
