@@ -84,7 +84,8 @@ dry-run: install
 	$(PYTHON) -m megatron_spo train --config examples/multinode/spo.yaml --dry-run dry_run.nodes=4 dry_run.require_fit=true
 
 # bench/vs_trl.py against TRL's GRPOTrainer: TRL gets its own venv (it brings its own transformers);
-# the bench itself runs in .venv and drives TRL there as a subprocess. BENCH_TRL_ARGS=--quick for a smoke run.
+# the bench itself runs in .venv and drives TRL there as a subprocess. BENCH_TRL_ARGS=--quick for a smoke run;
+# BENCH_TRL_ARGS="--to-accuracy --demo-dir runs/demo" races both to held-out accuracy from the demo's warm start.
 TRL_VENV ?= .venv-trl
 BENCH_TRL_ARGS ?=
 

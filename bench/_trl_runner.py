@@ -13,6 +13,12 @@ graded by the demo task's boxed-answer check, and one optimizer step on all 128 
 are taken with `time.perf_counter` at every optimizer step's end (wall time per step, everything
 included) and around TRL's generation and generate-and-score calls (the phases). The main process
 writes `trl_result.json` into --out.
+
+For the time-to-accuracy comparison (`vs_trl.py --to-accuracy`), `--save-every K` writes the
+policy as a Hugging Face dir every K steps (and at the end) into --out/snapshots/step_K, with the
+training seconds so far in --out/snapshots.json; the seconds spent saving are taken off the clock.
+`--max-train-seconds B` ends training at the first step whose training seconds reach B (rank 0's
+clock decides, and every rank learns it through a broadcast, so all stop at the same step).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -79,6 +86,49 @@ class StepClock(TrainerCallback):
         self.step_ends.append(time.perf_counter())
 
 
+class Snapshots(TrainerCallback):
+    """Saves the policy every `every` steps with the training seconds so far (saving excluded), and
+    stops training once those reach `budget_s` (None: no limit)."""
+
+    def __init__(self, out: Path, model_dir: str, every: int, budget_s: float | None, is_main: bool):
+        self.out, self.model_dir, self.every, self.budget_s, self.is_main = out, Path(model_dir), every, budget_s, is_main
+        self.begin, self.paused = None, 0.0
+        self.saved: list[dict] = []
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.begin - self.paused
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin = time.perf_counter()
+
+    def _save(self, state, model):
+        started = time.perf_counter()
+        seconds = started - self.begin - self.paused
+        if self.is_main:
+            path = self.out / f"step_{state.global_step}"
+            model.save_pretrained(path)
+            # every other file of the warm start: its config (the architecture is the same, and the
+            # evaluation reads the format megatron-spo wrote), its tokenizer and its chat template
+            # (chat_template.jinja: without it the evaluation would render prompts with no template)
+            for name in os.listdir(self.model_dir):
+                if "safetensors" not in name and (self.model_dir / name).is_file():
+                    shutil.copy(self.model_dir / name, path / name)
+            self.saved.append({"step": state.global_step, "train_seconds": seconds, "dir": str(path)})
+            (self.out.parent / "snapshots.json").write_text(json.dumps(self.saved))
+        self.paused += time.perf_counter() - started
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        stop = self.budget_s is not None and self.training_seconds() >= self.budget_s
+        if torch.distributed.is_initialized():  # rank 0's clock decides for every rank
+            flag = torch.tensor([float(stop)])
+            torch.distributed.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            control.should_training_stop = True
+        if stop or state.global_step % self.every == 0 or state.global_step >= state.max_steps:
+            self._save(state, model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model dir (weights + tokenizer)")
@@ -91,6 +141,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    parser.add_argument("--save-every", type=int, default=0, help="save the policy every K steps (0: never)")
+    parser.add_argument("--max-train-seconds", type=float, help="stop once training has taken this long")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -142,13 +194,17 @@ def main() -> None:
         dataloader_num_workers=0,
     )
     clock = StepClock()
+    callbacks = [clock]
+    if args.save_every:
+        callbacks.append(Snapshots(args.out / "snapshots", args.model, args.save_every, args.max_train_seconds,
+                                   int(os.environ.get("RANK", "0")) == 0))
     trainer = TimedGRPOTrainer(
         model=args.model,
         reward_funcs=boxed_reward,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[clock],
+        callbacks=callbacks,
     )
     trainer.train()
 

@@ -35,6 +35,10 @@ run every setup. The first `warmup` steps are excluded; over the next `steps` st
   logprobs; the update), TRL's from timers around `_generate` and `_generate_and_score_completions`.
 
 The ratio ours / TRL is printed per setup; the goal is >= 2x. Results: bench/RESULTS.md.
+
+`--to-accuracy --demo-dir DIR` measures the other thing a user cares about: training seconds to
+a fixed held-out accuracy, megatron-spo's SPO (the demo's setting) against TRL's GRPOTrainer at a
+sweep of learning rates, from the demo's SFT warm start (`bench/_vs_trl_accuracy.py` says how).
 """
 
 from __future__ import annotations
@@ -261,7 +265,31 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-python", type=Path, default=ROOT / ".venv-trl" / "bin" / "python",
                         help="interpreter of the venv holding trl (default .venv-trl)")
+    accuracy = parser.add_argument_group("time to accuracy (--to-accuracy)")
+    accuracy.add_argument("--to-accuracy", action="store_true",
+                          help="compare training seconds to held-out accuracy targets instead of step throughput")
+    accuracy.add_argument("--demo-dir", type=Path, help="output dir of `megatron-spo demo` (warm start, data, spo.yaml)")
+    accuracy.add_argument("--ours-lrs", type=float, nargs="+", default=[1e-4], help="megatron-spo SPO lrs [1e-4]")
+    accuracy.add_argument("--ours-variants", nargs="+", default=[""],
+                          help='megatron-spo settings, each "key=value ..." train overrides, "" the demo\'s [""]')
+    accuracy.add_argument("--trl-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="TRL lrs [1e-4 3e-4 1e-3]")
+    accuracy.add_argument("--ours-steps", type=int, default=250, help="megatron-spo steps [250, the demo's]")
+    accuracy.add_argument("--eval-every", type=int, default=25, help="steps between evaluations [25]")
+    accuracy.add_argument("--eval-n", type=int, default=4, help="samples per held-out prompt [4]")
+    accuracy.add_argument("--budget-factor", type=float, default=1.5,
+                          help="TRL's training-time budget over megatron-spo's longest run [1.5]")
+    accuracy.add_argument("--gains", type=float, nargs="+", default=[0.05, 0.10, 0.15, 0.20],
+                          help="targets: the warm start's accuracy plus these [0.05 0.1 0.15 0.2]")
+    accuracy.add_argument("--reuse", action="store_true", help="keep finished runs and evaluations found in --out")
     args = parser.parse_args()
+    if args.to_accuracy:
+        if args.demo_dir is None:
+            parser.error("--to-accuracy needs --demo-dir (the output dir of `megatron-spo demo`)")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import _vs_trl_accuracy
+
+        _vs_trl_accuracy.main(args, BenchSettings(), rendered_prompts)
+        return
     if (args.sft is None) != (args.data_dir is None):
         parser.error("--sft and --data-dir go together")
     if not args.trl_python.exists():

@@ -44,3 +44,34 @@ def test_parse_setup():
     assert vs_trl.parse_setup("2x1") == (2, 1)
     with pytest.raises(SystemExit):
         vs_trl.parse_setup("2")
+
+
+_ACC_PATH = _PATH.with_name("_vs_trl_accuracy.py")
+_acc_spec = importlib.util.spec_from_file_location("bench_vs_trl_accuracy", _ACC_PATH)
+vs_trl_accuracy = importlib.util.module_from_spec(_acc_spec)
+_acc_spec.loader.exec_module(vs_trl_accuracy)
+
+
+def test_ours_curve_counts_step_time_only_and_time_to_takes_the_first_evaluation_at_the_target(tmp_path):
+    rows = [{"step": 0, "time": 0.0, "eval/accuracy": 0.40},                      # eval.before_train: no step yet
+            {"step": 1, "time": 5.0, "perf/step_s": 1.5},
+            {"step": 2, "time": 30.0, "perf/step_s": 2.0, "eval/accuracy": 0.52},  # 20 s of evaluation after it
+            {"step": 3, "time": 31.0, "perf/step_s": 1.0},
+            {"step": 4, "time": 60.0, "perf/step_s": 2.5, "eval/accuracy": 0.50},
+            {"step": 4, "time": 61.0, "final/x": 1.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    curve = vs_trl_accuracy.ours_curve(path)
+    assert curve == [(pytest.approx(3.5), 0.52), (pytest.approx(7.0), 0.50)]
+    assert vs_trl_accuracy.time_to(curve, 0.50) == pytest.approx(3.5)
+    assert vs_trl_accuracy.time_to(curve, 0.52) == pytest.approx(3.5)   # equal counts as reached
+    assert vs_trl_accuracy.time_to(curve, 0.53) is None
+
+
+def test_time_to_stay_ignores_a_lucky_evaluation():
+    curve = [(10.0, 0.60), (20.0, 0.55), (30.0, 0.61), (40.0, 0.62)]
+    assert vs_trl_accuracy.time_to(curve, 0.60) == 10.0
+    assert vs_trl_accuracy.time_to_stay(curve, 0.60) == 30.0
+    assert vs_trl_accuracy.time_to_stay(curve, 0.63) is None
+    assert vs_trl_accuracy.time_to_stay([(10.0, 0.7), (20.0, 0.5)], 0.6) is None   # ends below
