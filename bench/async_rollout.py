@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/async_rollout.py --out runs/async_rollout \
         --steps 30 --eval-every 10 --eval-prompts 128 --lr 3e-4 --workloads "tool latency"
     ... --steps 12 --eval-every 6 --eval-prompts 128 --lr 3e-4 --workloads "no latency"
-    (the two runs in bench/RESULTS.md, ~45 and ~10 minutes on 2 CPU cores)
+    ... --steps 55 --eval-every 10 --eval-prompts 128 --lr 3e-4 --workloads "tool latency" --settings "async SPO"
+    (the runs in bench/RESULTS.md, ~45, ~10 and ~12 minutes on 2 CPU cores; the third runs async
+    SPO as long as sync GRPO took in the first)
 
 The workload: the demo's arithmetic prompts, answered by a tiny model warm-started (SFT) to write
 `print(<expression>)` in a code block, read the interpreter's output and box it; the SFT labels
