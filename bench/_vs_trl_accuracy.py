@@ -47,6 +47,7 @@ from pathlib import Path
 
 import yaml
 
+from _curves import time_to, time_to_stay
 from megatron_spo import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,25 +80,8 @@ def ours_curve(metrics: Path) -> list[tuple[float, float]]:
     return curve
 
 
-def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
-    """Seconds of the first evaluation at or above `target` (None: never reached)."""
-    return next((t for t, acc in curve if acc >= target - 1e-9), None)
-
-
 def _finished(metrics: Path, steps: int) -> bool:
     return metrics.exists() and any(json.loads(line).get("step") == steps for line in open(metrics) if line.strip())
-
-
-def time_to_stay(curve: list[tuple[float, float]], target: float) -> float | None:
-    """Seconds of the first evaluation from which every later one is at or above `target` (a
-    single lucky evaluation does not count; None: the run ends below it)."""
-    stay = None
-    for t, acc in curve:
-        if acc >= target - 1e-9:
-            stay = t if stay is None else stay
-        else:
-            stay = None
-    return stay
 
 
 def run_ours(demo: Path, lr: float, variant: str, steps: int, eval_every: int, eval_n: int, out: Path, env: dict,

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from _curves import time_to
+
 
 def _train(demo: Path, out: Path, nproc: int, overrides: list[str]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
@@ -52,9 +54,6 @@ def _curve(rows: list[dict]) -> tuple[list[tuple[float, float]], float]:
     curve = [(r["time"] - start, r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     return curve, steps[-1]["time"] - start
 
-
-def _time_to(curve: list[tuple[float, float]], target: float) -> float | None:
-    return next((t for t, acc in curve if acc >= target - 1e-9), None)
 
 
 def main() -> int:
@@ -88,7 +87,7 @@ def main() -> int:
         target = sync_curve[-1][1]
         for name, rows in runs.items():
             curve, wall = _curve(rows)
-            reach = _time_to(curve, target)
+            reach = time_to(curve, target)
             ratio = f"{sync_wall / reach:.2f}x" if reach else "-"
             print(f"| {demo.name} | {name} | {curve[-1][1]:.3f} | {wall:.0f} | "
                   f"{'not reached' if reach is None else f'{reach:.0f}'} | {ratio} |", flush=True)

@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from _curves import time_to
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAJECTORIES = 32
 
@@ -194,9 +196,6 @@ def summarize(rows: list[dict]) -> dict:
             "mean_step_s": step_seconds / len(steps), "wait_s": sum(r.get("async/wait_s", 0.0) for r in steps)}
 
 
-def _time_to(curve, target: float):
-    return next((t for t, acc in curve if acc >= target - 1e-9), None)
-
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
@@ -273,7 +272,7 @@ def report(results: dict, q: dict) -> None:
         base = runs.get("sync GRPO")
         for name, s in runs.items():
             ratio = s["trajectories_per_s"] / base["trajectories_per_s"] if base else float("nan")
-            reach = _time_to(s["curve"], base["final_accuracy"]) if base else None
+            reach = time_to(s["curve"], base["final_accuracy"]) if base else None
             print(f"| {workload} | {name} | {s['trajectories_per_s']:.2f} | {ratio:.2f}x | {s['final_accuracy']:.3f} | "
                   f"{'not reached' if reach is None else f'{reach:.0f}'} |")
 

@@ -47,6 +47,7 @@ def test_parse_setup():
 
 
 _ACC_PATH = _PATH.with_name("_vs_trl_accuracy.py")
+sys.path.insert(0, str(_PATH.parent))  # as when the bench runs: its helpers (_curves) sit beside it
 _acc_spec = importlib.util.spec_from_file_location("bench_vs_trl_accuracy", _ACC_PATH)
 vs_trl_accuracy = importlib.util.module_from_spec(_acc_spec)
 _acc_spec.loader.exec_module(vs_trl_accuracy)
