@@ -102,8 +102,8 @@ class Snapshots(TrainerCallback):
         self.begin = time.perf_counter()
 
     def _save(self, state, model):
+        seconds = self.training_seconds()
         started = time.perf_counter()
-        seconds = started - self.begin - self.paused
         if self.is_main:
             path = self.out / f"step_{state.global_step}"
             model.save_pretrained(path)

@@ -87,28 +87,31 @@ def _finished(metrics: Path, steps: int) -> bool:
 def run_ours(demo: Path, lr: float, variant: str, steps: int, eval_every: int, eval_n: int, out: Path, env: dict,
              reuse: bool = False) -> dict:
     """The demo's RL stage at `lr`, with `variant` ("key=value ..." train overrides, "" for none)."""
-    config = yaml.safe_load((demo / "spo.yaml").read_text())
     tag = f"ours_lr{lr:g}" + ("_" + re.sub(r"[^A-Za-z0-9.]+", "_", variant) if variant else "")
     name = f"megatron-spo SPO, lr {lr:g}" + (f", {variant}" if variant else "")
     run_dir = out / tag
-    if reuse and _finished(run_dir / "metrics.jsonl", steps):
-        curve = ours_curve(run_dir / "metrics.jsonl")
-        return {"name": name, "curve": curve, "train_seconds": curve[-1][0], "steps": steps}
+    if not (reuse and _finished(run_dir / "metrics.jsonl", steps)):
+        _train_ours(demo, lr, variant, steps, eval_every, eval_n, run_dir, out / tag, env, name)
+    curve = ours_curve(run_dir / "metrics.jsonl")
+    return {"name": name, "curve": curve, "train_seconds": curve[-1][0], "steps": steps}
+
+
+def _train_ours(demo, lr, variant, steps, eval_every, eval_n, run_dir: Path, stem: Path, env, name: str) -> None:
+    """`torchrun x2 train` of the demo's spo.yaml with this run's changes; config and log at `stem`.yaml/.log."""
     shutil.rmtree(run_dir, ignore_errors=True)
+    config = yaml.safe_load((demo / "spo.yaml").read_text())
     config.update(run_dir=str(run_dir), total_steps=steps)
     config["optimizer"]["lr"] = lr
     config["checkpoint"] = {"every_steps": 0, "keep_last": 1}
     config["eval"].update(every_steps=eval_every, n=eval_n)
-    path = out / f"{tag}.yaml"
+    path, log = stem.parent / f"{stem.name}.yaml", stem.parent / f"{stem.name}.log"  # tags hold dots (lr 0.0001)
     atomic.write_text(path, yaml.safe_dump(config, sort_keys=False))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megatron_spo",
             "train", "--config", str(path), "checkpoint.resume=overwrite", "--no-export", *variant.split()]
-    with open(out / f"{tag}.log", "w") as fh:
+    with open(log, "w") as fh:
         proc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     if proc.returncode:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}); log {out / f'{tag}.log'}")
-    curve = ours_curve(run_dir / "metrics.jsonl")
-    return {"name": name, "curve": curve, "train_seconds": curve[-1][0], "steps": steps}
+        raise SystemExit(f"{name} failed (exit {proc.returncode}); log {log}")
 
 
 def run_trl(sft: Path, prompts: Path, val: Path, lr: float, budget_s: float, settings, eval_every: int, eval_n: int,
@@ -116,14 +119,14 @@ def run_trl(sft: Path, prompts: Path, val: Path, lr: float, budget_s: float, set
     trl_out = out / f"trl_lr{lr:g}"
     if not (reuse and (trl_out / "trl_result.json").exists()):
         _train_trl(sft, prompts, lr, budget_s, settings, eval_every, trl_out, out, env, trl_python, seed)
-    curve = []
-    for snap in json.loads((trl_out / "snapshots.json").read_text()):
+    snapshots, curve = json.loads((trl_out / "snapshots.json").read_text()), []
+    for snap in snapshots:
         acc = _eval(Path(snap["dir"]), val, trl_out / f"eval_step{snap['step']}.json", eval_n, env,
                     trl_out / f"eval_step{snap['step']}.log", reuse)
         curve.append((snap["train_seconds"], acc))
         print(f"    TRL lr {lr:g} step {snap['step']}: {snap['train_seconds']:.0f}s accuracy {acc:.3f}", flush=True)
     return {"name": f"TRL GRPOTrainer, lr {lr:g}", "curve": curve, "train_seconds": curve[-1][0],
-            "steps": json.loads((trl_out / "snapshots.json").read_text())[-1]["step"]}
+            "steps": snapshots[-1]["step"]}
 
 
 def _train_trl(sft, prompts, lr, budget_s, settings, eval_every, trl_out, out, env, trl_python, seed) -> None:

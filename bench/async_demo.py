@@ -55,7 +55,6 @@ def _curve(rows: list[dict]) -> tuple[list[tuple[float, float]], float]:
     return curve, steps[-1]["time"] - start
 
 
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dirs", type=Path, nargs="+", required=True)

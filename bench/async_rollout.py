@@ -196,7 +196,6 @@ def summarize(rows: list[dict]) -> dict:
             "mean_step_s": step_seconds / len(steps), "wait_s": sum(r.get("async/wait_s", 0.0) for r in steps)}
 
 
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
